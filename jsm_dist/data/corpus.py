@@ -1,0 +1,120 @@
+"""``corpus.json``: what a packed corpus holds, written by the packer, read by everyone.
+
+Layout of a packed corpus directory::
+
+    <corpus>/corpus.json
+    <corpus>/shard-000000.tar ...      WebDataset shards (see schema.py for members)
+    <corpus>/labels/                   the pseudo-label store (see jsm_dist/labels.py)
+
+``corpus.json`` fields:
+    format            "jsm-corpus/1"
+    name              corpus name
+    image_size        [H, W] images were stored at, or null when sizes vary (benchmarks)
+    label_size        [h, w] resolution of the label store
+    depth_convention  "near_is_large" | "far_is_large" (orientation of the raw depth PNGs)
+    vocab             salient-word vocabulary; index = class id, index 0 = "<negative>"
+    num_samples       total number of samples
+    has_gt            every sample carries gt.png
+    has_text          samples carry captions (False for benchmark folders)
+    shards            [{"file", "count", "sha256", "bytes"}] in shard-index order
+    bad_samples       [{"source", "reason"}]: inputs the packer skipped, and why
+    labels            label-store directory, relative to the corpus directory
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from jsm_dist import schema
+
+FORMAT = "jsm-corpus/1"
+
+
+@dataclass
+class ShardInfo:
+    file: str
+    count: int
+    sha256: str = ""
+    bytes: int = 0
+
+
+@dataclass
+class Corpus:
+    root: Path
+    name: str
+    vocab: list[str]
+    shards: list[ShardInfo]
+    label_size: tuple[int, int]
+    image_size: tuple[int, int] | None = None
+    depth_convention: str = schema.NEAR_IS_LARGE
+    has_gt: bool = False
+    has_text: bool = True
+    bad_samples: list[dict] = field(default_factory=list)
+    labels: str = "labels"
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        if not self.vocab or self.vocab[0] != schema.NEGATIVE_WORD:
+            raise ValueError(
+                f"vocab must start with {schema.NEGATIVE_WORD!r} (class 0), got {self.vocab[:3]!r}"
+            )
+        if self.depth_convention not in schema.DEPTH_CONVENTIONS:
+            raise ValueError(
+                f"depth_convention must be one of {schema.DEPTH_CONVENTIONS}, "
+                f"got {self.depth_convention!r}"
+            )
+        self.shards = [s if isinstance(s, ShardInfo) else ShardInfo(**s) for s in self.shards]
+        self.label_size = tuple(self.label_size)
+        if self.image_size is not None:
+            self.image_size = tuple(self.image_size)
+
+    # ---- derived ----
+    @property
+    def num_samples(self) -> int:
+        return sum(s.count for s in self.shards)
+
+    @property
+    def shard_sizes(self) -> list[int]:
+        return [s.count for s in self.shards]
+
+    @property
+    def shard_paths(self) -> list[str]:
+        return [str(self.root / s.file) for s in self.shards]
+
+    @property
+    def label_dir(self) -> Path:
+        return self.root / self.labels
+
+    @property
+    def word_to_class(self) -> dict[str, int]:
+        return {w: i for i, w in enumerate(self.vocab)}
+
+    # ---- io ----
+    @classmethod
+    def load(cls, root: str | os.PathLike) -> "Corpus":
+        root = Path(root)
+        path = root / "corpus.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no corpus.json in {root}: pack a corpus first (jsm-pack --help)"
+            )
+        data = json.loads(path.read_text())
+        if data.get("format") != FORMAT:
+            raise ValueError(f"{path}: format {data.get('format')!r}, expected {FORMAT!r}")
+        data.pop("format")
+        data.pop("num_samples", None)
+        return cls(root=root, **data)
+
+    def save(self) -> Path:
+        """Write corpus.json atomically (temp file + os.replace)."""
+        data = asdict(self)
+        data.pop("root")
+        data = {"format": FORMAT, "num_samples": self.num_samples, **data}
+        path = self.root / "corpus.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+        return path

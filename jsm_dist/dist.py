@@ -1,0 +1,100 @@
+"""Distributed world info and collectives that also work in a single plain process.
+
+Everything distributed outside accelerate goes through here: the label store, the
+refinement pass and the loaders ask this module for rank/world and for barriers, so they
+run unchanged under ``accelerate launch`` / torchrun / srun and under ``python -m``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WorldInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _torch_dist():
+    import torch.distributed as td
+
+    return td if td.is_available() and td.is_initialized() else None
+
+
+def world_info() -> WorldInfo:
+    """Rank and world size: from an initialised process group, else from the environment.
+
+    The environment fallback reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK, then SLURM's
+    SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID (one task per process).
+    """
+    td = _torch_dist()
+    if td is not None:
+        local = int(os.environ.get("LOCAL_RANK", td.get_rank()))
+        return WorldInfo(td.get_rank(), td.get_world_size(), local)
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return WorldInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "JSM_USE_SLURM_RANKS" in env:
+        return WorldInfo(
+            int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+        )
+    return WorldInfo()
+
+
+def barrier() -> None:
+    """Wait for every rank; a no-op without an initialised process group."""
+    td = _torch_dist()
+    if td is not None and td.get_world_size() > 1:
+        td.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` on every rank (identity in a single process)."""
+    td = _torch_dist()
+    if td is None or td.get_world_size() == 1:
+        return obj
+    box = [obj]
+    td.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """List of every rank's ``obj`` in rank order (``[obj]`` in a single process)."""
+    td = _torch_dist()
+    if td is None or td.get_world_size() == 1:
+        return [obj]
+    out = [None] * td.get_world_size()
+    td.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Element-wise sum of a short list of floats over ranks."""
+    td = _torch_dist()
+    if td is None or td.get_world_size() == 1:
+        return list(values)
+    import torch
+
+    t = torch.tensor(values, dtype=torch.float64)
+    td.all_reduce(t)
+    return t.tolist()
+
+
+def derive_seed(seed: int, *parts: int) -> int:
+    """Deterministic 31-bit seed from a base seed and (rank, worker, epoch, ...)."""
+    import hashlib
+
+    h = hashlib.blake2b(repr((seed, *parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & 0x7FFFFFFF
+
+
+def owner_of_shard(shard: int, world_size: int) -> int:
+    """The rank that owns (refines, writes) label shard ``shard``: round-robin."""
+    return shard % world_size
