@@ -1,0 +1,186 @@
+"""The rank-synchronized refinement pass: every rank refines the label shards it owns.
+
+Protocol (one call of :func:`refine_labels`, all ranks together)::
+
+    every rank : eval mode, no grad; stream the shards it owns (owner rule
+                 ``shard % world_size == rank``), un-augmented, each sample once;
+                 new labels = JSMModel.refine(batch) (+ optional dense CRF);
+                 write them into generation g+1 of the store; flush + fsync
+    barrier    : LabelStore.commit(g+1): rank 0 checks every shard is complete and
+                 switches the manifest atomically; barrier
+    rank 0     : per-generation statistics (label change, JSM weights, foreground
+                 fraction; quality of generation g and g+1 against GT when the corpus has it)
+
+A crash anywhere before the commit leaves generation g current and intact; the training
+loop checkpoints with ``refine_pending`` before calling this, so a resumed run redoes the
+pass (refinement is deterministic: eval mode, fixed order) instead of losing it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from jsm_dist import dist, schema
+from jsm_dist.data.corpus import Corpus
+from jsm_dist.data.stream import DataConfig, make_eval_loader
+from jsm_dist.labels import LabelStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RefineStats:
+    generation: int  # the generation this pass committed
+    samples: int = 0
+    seconds: float = 0.0
+    mean_abs_change: float = 0.0  # mean |L_new - L_old| over pixels, in [0, 1]
+    fg_fraction_old: float = 0.0  # mean fraction of pixels > 0.5
+    fg_fraction_new: float = 0.0
+    w_g_mean: float = 0.5  # JSM weight of the current label
+    w_g_std: float = 0.0
+    text_conf: float = float("nan")  # mean text-network probability of the word (GT-free)
+    quality_old: dict = field(default_factory=dict)  # metrics of generation g vs GT
+    quality_new: dict = field(default_factory=dict)  # metrics of generation g+1 vs GT
+    grid: list = field(default_factory=list)  # a few rows for the image grid (rank 0)
+
+
+def _to_label_size(x: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """(B,1,H,W) float in [0,1] -> (B,h,w) uint8 at the store resolution."""
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False)
+    return (x[:, 0].clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
+
+
+def _move(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def refine_labels(
+    model,
+    corpus: Corpus,
+    store: LabelStore,
+    data_cfg: DataConfig,
+    *,
+    device: torch.device | None = None,
+    label_eval_max: int = 2000,
+    grid_samples: int = 0,
+    progress: bool = True,
+) -> RefineStats:
+    """Run one refinement pass on every rank and commit generation ``g + 1``.
+
+    ``model`` is the unwrapped ``JSMModel`` (no DDP/DeepSpeed wrapper: refinement has no
+    collectives inside the forward, so ranks may see different batch counts).
+    """
+    world = dist.world_info()
+    device = device or torch.device("cpu")
+    store.refresh()
+    old_gen = store.generation
+    new_gen = old_gen + 1
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+
+    writer = store.writer(new_gen)
+    loader = make_eval_loader(corpus, data_cfg, world=world)
+    # per-rank sums: samples, |change|, fg old, fg new, w_g, w_g^2, text conf, text-conf count
+    sums = np.zeros(8, dtype=np.float64)
+    evals: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (old, new, gt) uint8
+    n_eval = 0
+    grid: list[dict] = []
+    it = loader
+    if progress and world.is_main:
+        from tqdm.auto import tqdm
+
+        it = tqdm(loader, desc=f"refine gen {new_gen}", unit="batch", leave=False)
+    for batch in it:
+        batch = _move(batch, device)
+        out = model.refine(batch)
+        new = out["label"].float()
+        old = batch[schema.LABEL].float()
+        new_u8 = _to_label_size(new, store.label_size)
+        conf = out.get("conf")
+        conf_np = conf.float().cpu().numpy().astype(np.float32) if conf is not None else None
+        shards = batch[schema.SHARD].cpu().numpy()
+        indices = batch[schema.INDEX].cpu().numpy()
+        for s in np.unique(shards):
+            sel = shards == s
+            writer.write(
+                int(s),
+                indices[sel].tolist(),
+                new_u8[sel],
+                conf_np[sel] if conf_np is not None else None,
+            )
+        b = new.shape[0]
+        sums[0] += b
+        sums[1] += (new - old).abs().mean(dim=(1, 2, 3)).sum().item()
+        sums[2] += (old > 0.5).float().mean(dim=(1, 2, 3)).sum().item()
+        sums[3] += (new > 0.5).float().mean(dim=(1, 2, 3)).sum().item()
+        if conf is not None:
+            sums[4] += conf[:, 0].float().sum().item()
+            sums[5] += (conf[:, 0].float() ** 2).sum().item()
+        if out.get("text_conf") is not None:
+            sums[6] += out["text_conf"].float().sum().item()
+            sums[7] += b
+        has_gt = batch.get(schema.HAS_GT)
+        if has_gt is not None and bool(has_gt.all()) and n_eval < label_eval_max:
+            take = min(b, label_eval_max - n_eval)
+            gt_u8 = _to_label_size(batch[schema.GT][:take], store.label_size)
+            evals.append((_to_label_size(old[:take], store.label_size), new_u8[:take], gt_u8))
+            n_eval += take
+        if world.is_main and len(grid) < grid_samples:
+            for i in range(min(b, grid_samples - len(grid))):
+                grid.append(
+                    {
+                        "rgb": batch[schema.RGB][i].permute(1, 2, 0).cpu().numpy(),
+                        "depth": batch[schema.DEPTH][i, 0].cpu().numpy(),
+                        "label": old[i, 0].cpu().numpy(),
+                        "candidate": out["candidate"][i, 0].float().cpu().numpy()
+                        if out.get("candidate") is not None
+                        else new[i, 0].cpu().numpy(),
+                        "refined": new[i, 0].cpu().numpy(),
+                        "gt": batch[schema.GT][i, 0].cpu().numpy(),
+                    }
+                )
+    writer.close()
+    store.commit(new_gen)  # collective: barrier, rank-0 verify + manifest, barrier
+    store.refresh()
+    if was_training:
+        model.train()
+
+    tot = dist.all_reduce_sum(sums.tolist())
+    n = max(tot[0], 1.0)
+    stats = RefineStats(generation=new_gen, samples=int(tot[0]))
+    stats.mean_abs_change = tot[1] / n
+    stats.fg_fraction_old = tot[2] / n
+    stats.fg_fraction_new = tot[3] / n
+    stats.w_g_mean = tot[4] / n
+    stats.w_g_std = float(np.sqrt(max(tot[5] / n - stats.w_g_mean**2, 0.0)))
+    if tot[7] > 0:
+        stats.text_conf = tot[6] / tot[7]
+    gathered = dist.all_gather_object(evals)
+    if world.is_main:
+        pairs = [e for part in gathered for e in part]
+        if pairs:
+            from jsm_dist.evaluate import evaluate_arrays
+
+            old_a = np.concatenate([p[0] for p in pairs])[:label_eval_max]
+            new_a = np.concatenate([p[1] for p in pairs])[:label_eval_max]
+            gt_a = np.concatenate([p[2] for p in pairs])[:label_eval_max]
+            stats.quality_old = _scalar_metrics(evaluate_arrays(old_a, gt_a))
+            stats.quality_new = _scalar_metrics(evaluate_arrays(new_a, gt_a))
+        stats.grid = grid
+    stats.seconds = time.perf_counter() - t0
+    dist.barrier()
+    return stats
+
+
+def _scalar_metrics(res: dict) -> dict:
+    """Keep the scalar metrics of an evaluation result (drop curves)."""
+    return {k: float(v) for k, v in res.items() if isinstance(v, (int, float, np.floating))}

@@ -1,0 +1,244 @@
+"""Training entry point: ``accelerate launch -m jsm_dist.train [--config F] [--key value ...]``.
+
+Also runs as a single plain process: ``python -m jsm_dist.train --corpus shards/demo/train``.
+Settings: ``python -m jsm_dist.train --help`` (all of them live in jsm_dist/config.py).
+
+The loop delegates: one ``JSMModel`` + one optimizer through ``accelerator.prepare``;
+streaming loader per rank (equal steps per rank); every ``tau`` epochs a rank-synchronized
+refinement pass (jsm_dist/refine.py) commits a new label-store generation; checkpoints
+(jsm_dist/checkpoint.py) hold the accelerator state and the train state (epoch, data
+position, label generation); telemetry on the main process (jsm_dist/telemetry.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from jsm_dist import dist, schema
+from jsm_dist.checkpoint import Checkpointer, TrainState
+from jsm_dist.config import Config, help_text, parse_cli
+
+log = logging.getLogger("jsm_dist.train")
+
+
+def validate(cfg: Config):
+    """Fail fast, before any process does work: corpus, label store, settings together."""
+    from jsm_dist.data.corpus import Corpus
+    from jsm_dist.labels import LabelStore
+
+    if not cfg.train.corpus:
+        raise ValueError("train.corpus is required: --corpus <packed corpus dir> (see jsm-pack)")
+    corpus = Corpus.load(cfg.train.corpus)
+    if not corpus.shards or corpus.num_samples == 0:
+        raise ValueError(f"corpus {corpus.root} has no samples")
+    missing = [p for p in corpus.shard_paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"corpus {corpus.root}: missing shards {missing[:3]}")
+    store = LabelStore.open(corpus.label_dir)
+    if list(store.shard_sizes) != corpus.shard_sizes:
+        raise ValueError(
+            f"label store {corpus.label_dir} does not match the corpus: shard sizes "
+            f"{list(store.shard_sizes)[:5]}... vs {corpus.shard_sizes[:5]}..."
+        )
+    if store.generation < 0:
+        raise ValueError(f"label store {corpus.label_dir} has no committed generation")
+    if cfg.model.mode == "full" and not corpus.has_gt:
+        raise ValueError("model.mode=full needs ground-truth masks, but the corpus has none")
+    if cfg.model.mode == "weak" and not corpus.has_text:
+        raise ValueError("model.mode=weak needs captions; this corpus has none (use unsupervised)")
+    if cfg.train.eval_corpus:
+        Corpus.load(cfg.train.eval_corpus)
+    return corpus, store
+
+
+def build_optimizer(cfg: Config, model, steps_total: int):
+    opt = torch.optim.Adam(model.param_groups(cfg.train.lr), lr=cfg.train.lr,
+                           weight_decay=cfg.train.weight_decay)
+    warm = cfg.train.warmup_steps
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if cfg.train.lr_schedule == "cosine":
+            t = min(1.0, (step - warm) / max(1, steps_total - warm))
+            return 0.5 * (1 + math.cos(math.pi * t))
+        return 1.0
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def train_step(accelerator, model, optimizer, scheduler, batch, cfg: Config) -> dict:
+    with accelerator.accumulate(model):
+        losses = model(batch)
+        accelerator.backward(losses["loss"])
+        if accelerator.sync_gradients and not dist.using_deepspeed():
+            # DeepSpeed clips inside its engine (ds_config gradient_clipping, by norm)
+            if cfg.train.clip_value > 0:
+                accelerator.clip_grad_value_(model.parameters(), cfg.train.clip_value)
+            if cfg.train.clip_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.train.clip_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    return {k: float(v.detach()) for k, v in losses.items()}
+
+
+def run(cfg: Config) -> TrainState:
+    from jsm_dist.data.stream import make_train_loader
+    from jsm_dist.models import JSMModel, save_model
+    from jsm_dist.refine import refine_labels
+    from jsm_dist.telemetry import Telemetry
+
+    corpus, store = validate(cfg)
+    out = Path(cfg.train.out_dir)
+    accelerator = dist.make_accelerator(
+        force_cpu=cfg.train.cpu, mixed_precision=cfg.train.mixed_precision,
+        grad_accum=cfg.train.grad_accum,
+    )
+    world = dist.world_info()
+    torch.manual_seed(dist.derive_seed(cfg.train.seed, 0))  # same init on every rank
+    model = JSMModel(cfg.model, corpus.vocab)
+    per_epoch = len(make_train_loader(corpus, cfg.data, epoch=0, seed=cfg.train.seed, world=world))
+    if cfg.train.max_steps_per_epoch:
+        per_epoch = min(per_epoch, cfg.train.max_steps_per_epoch)
+    # accelerate steps a prepared scheduler once per process per step
+    optimizer, scheduler = build_optimizer(cfg, model, per_epoch * cfg.train.epochs * world.world_size)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    raw_model = accelerator.unwrap_model(model)
+    ckpt = Checkpointer(out, keep=cfg.train.keep_checkpoints)
+    config_json = __import__("json").dumps(cfg.to_dict(), indent=1)
+    if accelerator.is_main_process:
+        cfg.save(out / "config.json")
+
+    state = TrainState(label_generation=store.generation)
+    resume_from = ckpt.resolve(cfg.train.resume)
+    if resume_from is not None:
+        state = Checkpointer.load(accelerator, resume_from)
+        store = _align_store(store, state, accelerator)
+        log.info("resumed from %s: epoch %d, step %d, label gen %d", resume_from,
+                 state.epoch, state.step_in_epoch, state.label_generation)
+    elif cfg.train.refine_before_training and state.refinements == 0:
+        state.refine_pending = True
+
+    tele = Telemetry(out, enabled=accelerator.is_main_process, tensorboard=cfg.train.tensorboard,
+                     total_steps=per_epoch * cfg.train.epochs)
+    device = accelerator.device
+
+    def refine_now() -> None:
+        stats = refine_labels(raw_model, corpus, store, cfg.data, device=device,
+                              label_eval_max=cfg.train.label_eval_max,
+                              grid_samples=cfg.train.image_grid_samples)
+        state.label_generation = stats.generation
+        state.refinements += 1
+        state.refine_pending = False
+        tele.log_event("refine", epoch=state.epoch, generation=stats.generation,
+                       seconds=stats.seconds, samples=stats.samples,
+                       mean_abs_change=stats.mean_abs_change, fg_old=stats.fg_fraction_old,
+                       fg_new=stats.fg_fraction_new, w_g_mean=stats.w_g_mean,
+                       w_g_std=stats.w_g_std, text_conf=stats.text_conf,
+                       quality_old=stats.quality_old, quality_new=stats.quality_new)
+        if stats.grid:
+            tele.log_images(f"labels/gen{stats.generation}", state.global_step, stats.grid)
+        store.prune(keep=cfg.train.keep_generations) if accelerator.is_main_process else None
+        ckpt.save(accelerator, state, config_json)
+
+    while True:
+        if state.refine_pending:
+            refine_now()
+        if state.epoch >= cfg.train.epochs:
+            break
+        epoch = state.epoch
+        loader = make_train_loader(corpus, cfg.data, epoch=epoch, seed=cfg.train.seed, world=world)
+        batches = iter(loader)
+        for _ in range(state.step_in_epoch):  # data position: replay the consumed batches
+            next(batches)
+        model.train()
+        t_last = time.perf_counter()
+        for step in range(state.step_in_epoch, per_epoch):
+            batch = next(batches)
+            t_data = time.perf_counter()
+            batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            losses = train_step(accelerator, model, optimizer, scheduler, batch, cfg)
+            state.step_in_epoch = step + 1
+            state.global_step += 1
+            now = time.perf_counter()
+            tele.log_step(state.global_step, losses, samples=len(batch[schema.KEY]) * world.world_size,
+                          step_time=now - t_last, data_time=t_data - t_last, epoch=epoch)
+            t_last = now
+            if cfg.train.checkpoint_every and state.global_step % cfg.train.checkpoint_every == 0:
+                ckpt.save(accelerator, state, config_json)
+        state.epoch, state.step_in_epoch = epoch + 1, 0
+        due = cfg.train.tau > 0 and state.epoch % cfg.train.tau == 0
+        if due and (state.epoch < cfg.train.epochs or cfg.train.refine_last_epoch):
+            state.refine_pending = True  # saved first: a crash in the pass redoes it on resume
+        ckpt.save(accelerator, state, config_json)
+
+    if accelerator.is_main_process:
+        save_model(out / "model.pt", raw_model)
+    tele.close()
+    accelerator.wait_for_everyone()
+    return state
+
+
+def _align_store(store, state: TrainState, accelerator):
+    """Make the store's current generation the checkpoint's (roll back a newer commit).
+
+    A commit that happened after the checkpoint (crash between commit and checkpoint) is
+    rolled back; the pending refinement then recreates it deterministically.
+    """
+    store.refresh()
+    if store.generation != state.label_generation:
+        if accelerator.is_main_process:
+            log.warning("label store at generation %d, checkpoint at %d: rolling back",
+                        store.generation, state.label_generation)
+            store.rollback(state.label_generation)
+        accelerator.wait_for_everyone()
+        store.refresh()
+    return store
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(help_text())
+        return 0
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s [rank {dist.world_info().rank}] %(name)s: %(message)s"
+    )
+    try:
+        cfg, _ = parse_cli(argv)
+        validate(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"jsm_dist.train: error: {e}", file=sys.stderr)
+        return 2
+    run(cfg)
+    return 0
+
+
+def _exit_cleanly(code: int) -> None:
+    """Leave without gloo's occasional abort at interpreter shutdown (PLATFORM_NOTES)."""
+    import torch.distributed as td
+
+    if td.is_available() and td.is_initialized():
+        td.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    try:
+        rc = main()
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        logging.getLogger("jsm_dist.train").exception("training failed")
+        rc = 1
+    _exit_cleanly(rc)

@@ -1,0 +1,68 @@
+import json
+
+import pytest
+
+from jsm_dist.config import Config, build_config, help_text, parse_cli
+
+
+def test_defaults_validate():
+    cfg = build_config()
+    assert isinstance(cfg, Config)
+    assert cfg.train.lr == pytest.approx(1e-4)
+
+
+def test_cli_overrides_file_and_types(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"train": {"epochs": 3, "lr": 0.01}}))
+    cfg, over = parse_cli(["--config", str(f), "--train.epochs", "5", "--tensorboard=false"])
+    assert cfg.train.epochs == 5  # CLI wins over file
+    assert cfg.train.lr == pytest.approx(0.01)  # file wins over default
+    assert cfg.train.tensorboard is False
+    assert over == {"train.epochs": "5", "tensorboard": "false"}
+
+
+def test_yaml_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  tau: 3\n")
+    cfg, _ = parse_cli(["--config", str(f)])
+    assert cfg.train.tau == 3
+
+
+def test_bare_flag_sets_bool():
+    cfg, _ = parse_cli(["--refine_before_training"])
+    assert cfg.train.refine_before_training is True
+
+
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (["--train.epochs", "0"], "train.epochs=0"),
+        (["--epochz", "3"], "unknown setting 'epochz'"),
+        (["--train.lr", "fast"], "train.lr='fast'"),
+        (["--train.lr_schedule", "linear"], "lr_schedule"),
+        (["--tensorboard", "maybe"], "true/false"),
+        (["positional"], "unexpected argument"),
+    ],
+)
+def test_bad_settings_name_key_and_value(argv, msg):
+    with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        parse_cli(argv)
+
+
+def test_missing_config_file():
+    with pytest.raises(FileNotFoundError):
+        parse_cli(["--config", "/nonexistent/x.json"])
+
+
+def test_help_lists_every_section():
+    text = help_text()
+    for sec in ("[train]", "[data]", "[model]"):
+        assert sec in text
+    assert "--train.tau" in text
+
+
+def test_config_round_trip(tmp_path):
+    cfg, _ = parse_cli(["--train.epochs", "2"])
+    cfg.save(tmp_path / "config.json")
+    again = build_config(json.loads((tmp_path / "config.json").read_text()))
+    assert again.to_dict() == cfg.to_dict()
