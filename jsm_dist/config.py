@@ -55,8 +55,6 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest complete checkpoints kept
     resume: str = ""  # "" | "latest" | path of a checkpoint directory
     keep_generations: int = 4  # label-store generations kept on disk
-    crf: bool = False  # dense-CRF post-processing of refined labels
-    crf_workers: int = 2  # processes for the CRF pool
     label_eval_max: int = 2000  # samples used to score each label generation vs GT
     log_every: int = 10  # steps between JSONL log lines
     tensorboard: bool = True

@@ -111,48 +111,37 @@ def make_accelerator(
     mixed_precision: str = "no",
     grad_accum: int = 1,
     find_unused_parameters: bool = True,
-    log_with=None,
-    project_dir: str | None = None,
 ):
-    """The run's ``Accelerator``, set up for the hardware at hand.
+    """The run's ``Accelerator``, set up for the hardware and the launcher at hand.
 
-    - CUDA present: NCCL (DDP or DeepSpeed as launched).
-    - No CUDA: ``cpu=True`` for DDP over gloo. Without it, a plain ``Accelerator()`` under
-      ``accelerate launch --multi_gpu`` silently becomes N independent single-process runs.
-    - DeepSpeed without CUDA: gloo process group via ``InitProcessGroupKwargs`` (DeepSpeed
-      refuses ``cpu=True``), ZeRO-1/2 only.
-    Fails (does not hang) when the launcher's world size disagrees with the accelerator's.
+    CUDA: NCCL (DDP or DeepSpeed as launched). No CUDA: ``cpu=True`` for DDP over gloo, or
+    a gloo process group for DeepSpeed (see ``launcher.accelerator_kwargs``). Fails, never
+    hangs, when DeepSpeed is combined with CPU forcing or when the launcher's world size
+    disagrees with the accelerator's (``launcher.verify_world``).
     """
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+    from accelerate.utils import DistributedDataParallelKwargs
 
-    has_cuda = torch.cuda.is_available()
-    ds = using_deepspeed()
-    if ds and force_cpu:
+    from jsm_dist import launcher
+
+    if using_deepspeed() and force_cpu:
         raise ValueError(
             "DeepSpeed cannot be combined with train.cpu=true / accelerate --cpu: "
             "launch without --use_deepspeed for CPU-only DDP, or drop --cpu"
         )
-    cpu = force_cpu or not has_cuda
-    if cpu and mixed_precision != "no":
+    kwargs = launcher.accelerator_kwargs(cuda_available=torch.cuda.is_available() and not force_cpu)
+    if force_cpu and not using_deepspeed():
+        kwargs = {"cpu": True}
+    if kwargs.get("cpu") or not torch.cuda.is_available():
         mixed_precision = "no"  # fp16/bf16 autocast on CPU only slows these convolutions
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)]
-    if not has_cuda:
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    handlers = kwargs.pop("kwargs_handlers", [])
+    handlers.append(DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters))
     acc = Accelerator(
-        cpu=cpu and not ds,
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=grad_accum,
         kwargs_handlers=handlers,
-        log_with=log_with,
-        project_dir=project_dir,
+        **kwargs,
     )
-    expected = int(os.environ.get("WORLD_SIZE", "1"))
-    if acc.num_processes != expected:
-        raise RuntimeError(
-            f"launcher started {expected} processes but the accelerator sees "
-            f"{acc.num_processes}: check the accelerate config (on CPU use "
-            "--multi_gpu --num_processes N with this module, which sets cpu=True)"
-        )
+    launcher.verify_world(acc)
     return acc

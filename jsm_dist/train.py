@@ -103,6 +103,7 @@ def run(cfg: Config) -> TrainState:
         grad_accum=cfg.train.grad_accum,
     )
     world = dist.world_info()
+    _configure_deepspeed(accelerator, cfg, world.world_size)
     torch.manual_seed(dist.derive_seed(cfg.train.seed, 0))  # same init on every rank
     model = JSMModel(cfg.model, corpus.vocab)
     per_epoch = len(make_train_loader(corpus, cfg.data, epoch=0, seed=cfg.train.seed, world=world))
@@ -187,6 +188,29 @@ def run(cfg: Config) -> TrainState:
     return state
 
 
+def _configure_deepspeed(accelerator, cfg: Config, world_size: int) -> None:
+    """Fill ds_config's "auto" values that accelerate cannot infer from our loader.
+
+    accelerate infers the micro-batch only from a torch DataLoader passed to prepare();
+    ours is a WebLoader. DeepSpeed clips by global norm only (no value clipping): it uses
+    train.clip_norm, or 1.0 when only the reference's clip_value is set.
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    dsc = plugin.deepspeed_config
+    dsc["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+    dsc["gradient_accumulation_steps"] = cfg.train.grad_accum
+    dsc["train_batch_size"] = cfg.data.batch_size * cfg.train.grad_accum * world_size
+    if dsc.get("gradient_clipping", "auto") == "auto":
+        dsc["gradient_clipping"] = cfg.train.clip_norm or (1.0 if cfg.train.clip_value else 0.0)
+    if cfg.train.clip_value and not cfg.train.clip_norm:
+        log.warning("DeepSpeed clips by norm (%.2f), not by value", dsc["gradient_clipping"])
+    stage = dsc.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2):
+        raise ValueError(f"ZeRO stage {stage} is not supported: refinement needs whole parameters")
+
+
 def _align_store(store, state: TrainState, accelerator):
     """Make the store's current generation the checkpoint's (roll back a newer commit).
 
@@ -212,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s [rank {dist.world_info().rank}] %(name)s: %(message)s"
     )
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per checkpoint file
     try:
         cfg, _ = parse_cli(argv)
         validate(cfg)
