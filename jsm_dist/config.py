@@ -55,6 +55,10 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest complete checkpoints kept
     resume: str = ""  # "" | "latest" | path of a checkpoint directory
     keep_generations: int = 4  # label-store generations kept on disk
+    label_store: str = "run"  # "run": <out_dir>/labels seeded from the corpus store's
+    # generation init_generation (runs never touch each other's labels) | "corpus": refine the
+    # corpus's own store in place | a directory path (seeded like "run" when empty)
+    init_generation: int = 0  # corpus-store generation a run's labels start from
     label_eval_max: int = 2000  # samples used to score each label generation vs GT
     log_every: int = 10  # steps between JSONL log lines
     tensorboard: bool = True

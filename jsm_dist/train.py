@@ -58,6 +58,46 @@ def validate(cfg: Config):
     return corpus, store
 
 
+def prepare_label_store(cfg: Config, corpus, fresh: bool):
+    """The store this run reads and refines, and a corpus view whose label_dir points at it.
+
+    ``run`` (default) or a path: a store of the run's own, seeded from the corpus store's
+    generation ``init_generation`` by every rank copying the shards it owns, then one
+    collective commit (the same protocol as a refinement). On resume it is reused as is.
+    """
+    import dataclasses
+
+    from jsm_dist.labels import LabelStore
+
+    src = LabelStore.open(corpus.label_dir)
+    if cfg.train.label_store == "corpus":
+        return corpus, src
+    root = Path(cfg.train.out_dir) / "labels" if cfg.train.label_store == "run" else Path(
+        cfg.train.label_store)
+    view = dataclasses.replace(corpus, labels=str(root.resolve()))
+    world = dist.world_info()
+    if not fresh and (root / "manifest.json").is_file():
+        return view, LabelStore.open(root)
+    if not src.has_generation(cfg.train.init_generation):
+        raise ValueError(f"corpus label store {corpus.label_dir} has no generation "
+                         f"{cfg.train.init_generation} (train.init_generation)")
+    if world.is_main:
+        LabelStore.create(root, src.shard_sizes, src.label_size, keep=cfg.train.keep_generations,
+                          overwrite=True)
+    dist.barrier()
+    store = LabelStore.open(root)
+    writer = store.writer(0)
+    for s, n in enumerate(src.shard_sizes):
+        if dist.owner_of_shard(s, world.world_size) == world.rank and n:
+            idx = list(range(n))
+            labels = src.read_many([s] * n, idx, generation=cfg.train.init_generation)
+            writer.write(s, idx, labels)
+    writer.close()
+    store.commit(0)
+    store.refresh()
+    return view, store
+
+
 def build_optimizer(cfg: Config, model, steps_total: int):
     opt = torch.optim.Adam(model.param_groups(cfg.train.lr), lr=cfg.train.lr,
                            weight_decay=cfg.train.weight_decay)
@@ -104,6 +144,9 @@ def run(cfg: Config) -> TrainState:
     )
     world = dist.world_info()
     _configure_deepspeed(accelerator, cfg, world.world_size)
+    ckpt = Checkpointer(out, keep=cfg.train.keep_checkpoints)
+    resume_from = ckpt.resolve(cfg.train.resume)
+    corpus, store = prepare_label_store(cfg, corpus, fresh=resume_from is None)
     torch.manual_seed(dist.derive_seed(cfg.train.seed, 0))  # same init on every rank
     model = JSMModel(cfg.model, corpus.vocab)
     per_epoch = len(make_train_loader(corpus, cfg.data, epoch=0, seed=cfg.train.seed, world=world))
@@ -113,13 +156,11 @@ def run(cfg: Config) -> TrainState:
     optimizer, scheduler = build_optimizer(cfg, model, per_epoch * cfg.train.epochs * world.world_size)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     raw_model = accelerator.unwrap_model(model)
-    ckpt = Checkpointer(out, keep=cfg.train.keep_checkpoints)
     config_json = __import__("json").dumps(cfg.to_dict(), indent=1)
     if accelerator.is_main_process:
         cfg.save(out / "config.json")
 
     state = TrainState(label_generation=store.generation)
-    resume_from = ckpt.resolve(cfg.train.resume)
     if resume_from is not None:
         state = Checkpointer.load(accelerator, resume_from)
         store = _align_store(store, state, accelerator)
