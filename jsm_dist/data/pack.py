@@ -1,0 +1,522 @@
+"""Pack a raw corpus into WebDataset shards + corpus.json + label-store generation 0.
+
+Sources::
+
+    jsm-pack synth     --out DIR --num-samples N --image-size S [--seed K]
+    jsm-pack caps      --input DIR --out DIR   # RGB/ depth/ [GT/] CapS.csv (utf-8 or GBK)
+    jsm-pack benchmark --input DIR --out DIR   # RGB/ depth/ GT/, matching basenames, no text
+
+Work plan: the parent scans the source into a list of records (cheap: paths and CSV
+rows, or synthetic indices), splits it into tasks of ``--samples-per-shard`` records and
+hands the tasks to a process pool (one task = one shard; a task that would exceed
+``--max-shard-mb`` rolls over into a further shard). Each task loads and validates every
+record, encodes the members, writes its tar to a temp name and computes the handcrafted
+initial labels (``initial_saliency``) at the store resolution. The parent then numbers the
+tars in task order (``shard-%06d.tar``), writes every shard's labels as generation 0 of the
+label store and saves corpus.json (counts, sha256 per shard, vocabulary, bad samples).
+
+Bad inputs (unreadable/truncated image, missing depth, size mismatch, NaN/inf depth,
+caption without its word, ...) are skipped, listed with their reason in the printed
+summary and in corpus.json ``bad_samples``; the exit code is non-zero only when nothing
+could be packed. ``--holdout F`` writes two corpora, ``<out>/train`` and ``<out>/test``
+(a seeded random fraction F of the records; same vocabulary, so class ids agree).
+
+The shard member layout is documented in shards/README.md and jsm_dist/schema.py. A
+sample's ``json`` holds its ``index`` in its shard; the shard number is the position of
+the tar in corpus.json ``shards`` (the loader maps ``__url__`` to it), so shards can be
+numbered after the parallel tasks finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from jsm_dist import dist, schema
+from jsm_dist.data import decode, sources
+from jsm_dist.data.corpus import Corpus, ShardInfo
+from jsm_dist.data.decode import BadInput
+from jsm_dist.data.vocab import find_word
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("synth", "caps", "benchmark")
+RGB_FORMATS = ("jpg", "png")
+
+
+@dataclass
+class PackConfig:
+    """Everything a pack run needs (one field per CLI option)."""
+
+    source: str  # synth | caps | benchmark
+    out: str  # output corpus directory (with --holdout: parent of train/ and test/)
+    input: str = ""  # source folder (caps, benchmark)
+    name: str = ""  # corpus name; default: the output folder's name
+    samples_per_shard: int = 256  # records per shard (the last shard of a task may hold fewer)
+    max_shard_mb: float = 512.0  # a shard never grows beyond this many MiB (rolls over)
+    label_size: int = 0  # square label-store side; 0 = min(256, image side)
+    resize: int = 0  # store every image resized to SxS; 0 = keep the source size
+    rgb_format: str = "jpg"  # jpg (source JPEGs are stored untouched) | png (lossless)
+    jpeg_quality: int = 90
+    depth_convention: str = schema.NEAR_IS_LARGE  # orientation of the raw depth values
+    workers: int = 0  # pack processes; 0 = one per CPU
+    holdout: float = 0.0  # fraction of records for <out>/test (0 = one corpus in <out>)
+    split_seed: int = 0  # seed of the holdout split
+    keep_generations: int = 3  # label-store retention
+    overwrite: bool = False  # replace a corpus already in --out
+    progress: bool = True  # tqdm progress bar
+    num_samples: int = 1000  # synth: number of scenes
+    image_size: int = 128  # synth: scene side in pixels
+    seed: int = 0  # synth: generator seed
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.source in SOURCES, "source", f"one of {SOURCES}"),
+            (self.source == "synth" or bool(self.input), "input", "required for folder sources"),
+            (self.samples_per_shard >= 1, "samples_per_shard", ">= 1"),
+            (self.max_shard_mb > 0, "max_shard_mb", "> 0"),
+            (self.label_size >= 0, "label_size", ">= 0"),
+            (self.resize >= 0, "resize", ">= 0"),
+            (self.rgb_format in RGB_FORMATS, "rgb_format", f"one of {RGB_FORMATS}"),
+            (1 <= self.jpeg_quality <= 100, "jpeg_quality", "in [1, 100]"),
+            (self.depth_convention in schema.DEPTH_CONVENTIONS, "depth_convention", "valid"),
+            (self.workers >= 0, "workers", ">= 0"),
+            (0.0 <= self.holdout < 1.0, "holdout", "in [0, 1)"),
+            (self.keep_generations >= 2, "keep_generations", ">= 2"),
+            (self.num_samples >= 1, "num_samples", ">= 1"),
+            (self.image_size >= 8, "image_size", ">= 8"),
+        ]
+        for ok, name, what in checks:
+            if not ok:
+                raise ValueError(f"invalid pack setting {name}={getattr(self, name)!r}: {what}")
+
+
+@dataclass
+class PackResult:
+    corpus: Corpus | None
+    packed: int
+    bad: list[dict] = field(default_factory=list)
+
+
+# ---- encoding and tar writing (shared with tests/helpers.py) ---------------------------
+def sanitize_key(text: str) -> str:
+    """A WebDataset key: no dots (the key ends at the first dot), no slashes."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", str(text)) or "_"
+
+
+def encode_sample(raw: dict, *, rgb_format: str = "jpg", quality: int = 90) -> dict:
+    """Raw sample -> {member extension: bytes} plus ``__key__`` (``json`` added by
+    :func:`encode_meta` once the sample's index in its shard is known)."""
+    if rgb_format == "jpg":
+        rgb_member = ("rgb.jpg", raw.get("rgb_jpeg") or decode.encode_jpeg(raw["rgb"], quality))
+    else:
+        rgb_member = ("rgb.png", decode.encode_png(raw["rgb"]))
+    members = {"__key__": raw["key"], rgb_member[0]: rgb_member[1]}
+    members["depth.png"] = decode.encode_png(raw["depth"])
+    if raw.get("gt") is not None:
+        members["gt.png"] = decode.encode_png(raw["gt"])
+    return members
+
+
+def encode_meta(meta: dict, index: int) -> bytes:
+    """The ``json`` member: SampleMeta with the sample's ``index`` in its shard."""
+    meta = {k: v for k, v in meta.items() if k != "shard"}
+    meta["index"] = int(index)
+    return json.dumps(meta, ensure_ascii=False, sort_keys=True).encode()
+
+
+def write_tar(path: Path, samples: list[dict]) -> tuple[str, int]:
+    """Deterministic tar (fixed mtime/owner) of encoded samples -> (sha256, bytes)."""
+    with open(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for members in samples:
+            for ext, data in members.items():
+                if ext == "__key__":
+                    continue
+                info = tarfile.TarInfo(f"{members['__key__']}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tar.addfile(info, io.BytesIO(data))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return digest, path.stat().st_size
+
+
+def label_inputs(rgb: np.ndarray, depth: np.ndarray, convention: str, size: int):
+    """(rgb uint8, raw depth) -> (rgb uint8, depth float32 [0,1] near=1) at size x size."""
+    small = (size, size)
+    rgb_s = cv2.resize(rgb, small, interpolation=cv2.INTER_AREA)
+    dep_s = cv2.resize(
+        decode.normalize_depth(depth, convention), small, interpolation=cv2.INTER_AREA
+    )
+    return rgb_s, dep_s
+
+
+def saliency_u8(rgbs: list[np.ndarray], depths: list[np.ndarray], size: int) -> np.ndarray:
+    """initial_saliency on label_inputs() outputs -> uint8 (n, size, size)."""
+    from jsm_dist.data.initial import initial_saliency
+
+    if not rgbs:
+        return np.zeros((0, size, size), np.uint8)
+    sal = np.asarray(initial_saliency(np.stack(rgbs), np.stack(depths)), dtype=np.float32)
+    return (np.clip(sal, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def initial_labels(rgbs: list[np.ndarray], depths: list[np.ndarray], convention: str, size: int):
+    """Handcrafted generation-0 labels of full-size samples: uint8 (n, size, size)."""
+    small = [label_inputs(r, d, convention, size) for r, d in zip(rgbs, depths, strict=True)]
+    return saliency_u8([r for r, _ in small], [d for _, d in small], size)
+
+
+# ---- one task: records -> one (or more, if size-bounded) shard tars --------------------
+def _prepare(cfg: PackConfig, raw: dict, has_text: bool) -> dict:
+    """Validate a loaded raw sample in place (sizes, depth, caption/word); apply --resize."""
+    depth = decode.to_storable_depth(raw["depth"])
+    rgb = np.asarray(raw["rgb"])
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise BadInput(f"rgb must be uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}")
+    gt = raw.get("gt")
+    decode.check_sizes(rgb, depth, gt)
+    if cfg.resize:
+        s = (cfg.resize, cfg.resize)
+        rgb = cv2.resize(rgb, s, interpolation=cv2.INTER_AREA)
+        depth = cv2.resize(depth, s, interpolation=cv2.INTER_NEAREST)
+        gt = None if gt is None else cv2.resize(gt, s, interpolation=cv2.INTER_NEAREST)
+        raw["rgb_jpeg"] = None
+    meta = dict(raw["meta"])
+    if has_text:
+        caption, word = str(meta.get("caption") or ""), str(meta.get("word") or "")
+        if not caption.strip():
+            raise BadInput("empty caption")
+        if not word.strip():
+            raise BadInput("no salient word")
+        pos = find_word(caption, word, meta.get("word_pos"))
+        if pos is None:
+            raise BadInput(f"caption without its salient word {word!r}: {caption!r}")
+        meta["word_pos"] = pos
+    else:
+        meta.update(caption="", word="", word_pos=0)
+    return {**raw, "rgb": rgb, "depth": depth, "gt": gt, "meta": meta}
+
+
+def _pack_task(args: tuple) -> dict:
+    """Pool worker: pack one task's records into temp tar(s) + label .npy file(s)."""
+    cfg, task_id, records, tmp_dir, label_size, has_text = args
+    max_bytes = int(cfg.max_shard_mb * (1 << 20))
+    parts: list[dict] = []
+    bad: list[dict] = []
+    cur: dict = {}
+
+    def reset() -> None:
+        cur.update(samples=[], rgbs=[], depths=[], bytes=0, sizes=set(), all_gt=True)
+
+    def close_part() -> None:
+        if not cur["samples"]:
+            return
+        tar = Path(tmp_dir) / f"task-{task_id:06d}-{len(parts):03d}.tar"
+        digest, nbytes = write_tar(tar, cur["samples"])
+        labels = saliency_u8(cur["rgbs"], cur["depths"], label_size)
+        npy = tar.with_suffix(".npy")
+        np.save(npy, labels)
+        keys = [m["__key__"] for m in cur["samples"]]
+        parts.append(
+            {
+                "tar": str(tar),
+                "labels": str(npy),
+                "count": len(keys),
+                "sha256": digest,
+                "bytes": nbytes,
+                "keys": keys,
+                "sizes": sorted(cur["sizes"]),
+                "has_gt": cur["all_gt"],
+            }
+        )
+        reset()
+
+    reset()
+    for record, raw in sources.load_records(cfg, records):
+        try:
+            if isinstance(raw, BadInput):
+                raise raw
+            sample = _prepare(cfg, raw, has_text)
+            members = encode_sample(sample, rgb_format=cfg.rgb_format, quality=cfg.jpeg_quality)
+        except BadInput as exc:
+            bad.append({"source": record.get("source", "?"), "reason": str(exc)})
+            continue
+        size = sum(len(v) + 1536 for k, v in members.items() if k != "__key__")
+        if cur["samples"] and cur["bytes"] + size > max_bytes:
+            close_part()  # size bound: this sample starts the next shard
+        members["json"] = encode_meta(sample["meta"], len(cur["samples"]))
+        cur["samples"].append(members)
+        rgb_s, dep_s = label_inputs(
+            sample["rgb"], sample["depth"], cfg.depth_convention, label_size
+        )
+        cur["rgbs"].append(rgb_s)  # only label-size copies are kept until the shard closes
+        cur["depths"].append(dep_s)
+        cur["bytes"] += size
+        cur["sizes"].add(tuple(sample["rgb"].shape[:2]))
+        cur["all_gt"] &= sample.get("gt") is not None
+    close_part()
+    return {"task": task_id, "parts": parts, "bad": bad, "records": len(records)}
+
+
+# ---- orchestration ---------------------------------------------------------------------
+def _run_tasks(cfg: PackConfig, tasks: list[tuple], total: int, desc: str) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    workers = cfg.workers or os.cpu_count() or 1
+    workers = max(1, min(workers, len(tasks)))
+    results = []
+    with tqdm(total=total, unit="sample", desc=desc, disable=not cfg.progress) as bar:
+        if workers == 1:
+            for t in tasks:
+                results.append(_pack_task(t))
+                bar.update(results[-1]["records"])
+        else:
+            # no live OpenCV pool threads when forking (children would deadlock on it)
+            cv2.setNumThreads(1)
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                for res in pool.imap_unordered(_pack_task, tasks):
+                    results.append(res)
+                    bar.update(res["records"])
+    return sorted(results, key=lambda r: r["task"])
+
+
+def _clear_out(out: Path, overwrite: bool) -> None:
+    if (out / "corpus.json").exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} already holds a corpus (corpus.json); use --overwrite")
+        for p in out.glob("shard-*.tar"):
+            p.unlink()
+        (out / "corpus.json").unlink()
+        shutil.rmtree(out / "labels", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def finalize_corpus(
+    out: Path,
+    name: str,
+    vocab: list[str],
+    parts: list[dict],
+    *,
+    label_size: int,
+    depth_convention: str,
+    has_text: bool,
+    bad: list[dict],
+    keep: int = 3,
+) -> Corpus:
+    """Rename part tars to shard-%06d.tar, write label generation 0, save corpus.json.
+
+    ``parts`` (in shard order): dicts with ``tar`` (path), ``labels`` (uint8 (n,h,w) array
+    or a .npy path), ``count``, ``sha256``, ``bytes``, ``keys``, ``sizes`` (image (H, W)s
+    seen) and ``has_gt``.
+    """
+    from jsm_dist.labels import LabelStore
+
+    shards = []
+    for i, part in enumerate(parts):
+        fname = f"shard-{i:06d}.tar"
+        os.replace(part["tar"], out / fname)
+        shards.append(
+            ShardInfo(file=fname, count=part["count"], sha256=part["sha256"], bytes=part["bytes"])
+        )
+    sizes = {tuple(s) for p in parts for s in p["sizes"]}
+    corpus = Corpus(
+        root=out,
+        name=name,
+        vocab=vocab,
+        shards=shards,
+        label_size=(label_size, label_size),
+        image_size=next(iter(sizes)) if len(sizes) == 1 else None,
+        depth_convention=depth_convention,
+        has_gt=all(p.get("has_gt", True) for p in parts),
+        has_text=has_text,
+        bad_samples=bad,
+    )
+    single = dist.WorldInfo()
+    store = LabelStore.create(
+        corpus.label_dir,
+        corpus.shard_sizes,
+        corpus.label_size,
+        keep=keep,
+        keys=[p["keys"] for p in parts],
+        overwrite=True,
+    )
+    writer = store.writer(0, world=single)
+    for i, part in enumerate(parts):
+        labels = part["labels"]
+        if not isinstance(labels, np.ndarray):  # a temp .npy written by a pool worker
+            labels = np.load(labels)
+            Path(part["labels"]).unlink(missing_ok=True)
+        if part["count"]:
+            writer.write(i, list(range(part["count"])), labels, None)
+    writer.close()
+    store.commit(0, world=single)
+    corpus.save()
+    return corpus
+
+
+def pack_records(
+    cfg: PackConfig,
+    out: Path,
+    records: list[dict],
+    vocab: list[str],
+    has_text: bool,
+    label_size: int,
+    name: str,
+) -> PackResult:
+    """Pack one corpus (all its records) into ``out``."""
+    _clear_out(out, cfg.overwrite)
+    bad = [{"source": r["source"], "reason": r["bad"]} for r in records if r.get("bad")]
+    good = [r for r in records if not r.get("bad")]
+    tmp = out / f".pack-tmp-{os.getpid()}"
+    tmp.mkdir(exist_ok=True)
+    try:
+        chunks = [
+            good[i : i + cfg.samples_per_shard] for i in range(0, len(good), cfg.samples_per_shard)
+        ]
+        tasks = [(cfg, t, chunk, str(tmp), label_size, has_text) for t, chunk in enumerate(chunks)]
+        results = _run_tasks(cfg, tasks, len(good), f"pack {name}")
+        parts = [p for r in results for p in r["parts"]]
+        bad += [b for r in results for b in r["bad"]]
+        if not parts:
+            return PackResult(None, 0, bad)
+        corpus = finalize_corpus(
+            out,
+            name,
+            vocab,
+            parts,
+            label_size=label_size,
+            depth_convention=cfg.depth_convention,
+            has_text=has_text,
+            bad=bad,
+            keep=cfg.keep_generations,
+        )
+        return PackResult(corpus, corpus.num_samples, bad)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def split_records(records: list[dict], fraction: float, seed: int) -> tuple[list, list]:
+    """Seeded random split: (train, test) with round(fraction * n) records in test."""
+    n_test = round(fraction * len(records))
+    order = np.random.default_rng(seed).permutation(len(records))
+    test_ids = set(order[:n_test].tolist())
+    train = [r for i, r in enumerate(records) if i not in test_ids]
+    test = [r for i, r in enumerate(records) if i in test_ids]
+    return train, test
+
+
+def pack(cfg: PackConfig) -> list[PackResult]:
+    """Scan the source and pack it (one corpus, or train + test with ``holdout``)."""
+    records, vocab, has_text = sources.scan(cfg)
+    label_size = cfg.label_size or sources.auto_label_size(cfg, records)
+    out = Path(cfg.out)
+    name = cfg.name or out.resolve().name
+    if cfg.holdout <= 0:
+        return [pack_records(cfg, out, records, vocab, has_text, label_size, name)]
+    train, test = split_records(records, cfg.holdout, cfg.split_seed)
+    return [
+        pack_records(cfg, out / split, recs, vocab, has_text, label_size, f"{name}-{split}")
+        for split, recs in (("train", train), ("test", test))
+    ]
+
+
+def _summary(results: list[PackResult]) -> str:
+    lines = []
+    for res in results:
+        c = res.corpus
+        if c is None:
+            lines.append(f"nothing packed ({len(res.bad)} bad samples)")
+        else:
+            mb = sum(s.bytes for s in c.shards) / (1 << 20)
+            lines.append(
+                f"{c.root}: {c.num_samples} samples in {len(c.shards)} shards "
+                f"({mb:.1f} MiB), vocab {len(c.vocab)}, labels {c.label_size}, "
+                f"{len(res.bad)} bad samples skipped"
+            )
+        for b in res.bad[:50]:
+            lines.append(f"  bad: {b['source']}: {b['reason']}")
+        if len(res.bad) > 50:
+            lines.append(f"  ... {len(res.bad) - 50} more in corpus.json bad_samples")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("output")
+    g.add_argument("--out", required=True, help="output corpus directory")
+    g.add_argument("--name", default="", help="corpus name (default: output folder name)")
+    g.add_argument("--samples-per-shard", type=int, default=256, help="records per shard")
+    g.add_argument("--max-shard-mb", type=float, default=512.0, help="shard size bound in MiB")
+    g.add_argument(
+        "--label-size",
+        type=int,
+        default=0,
+        help="label-store side in pixels (0 = min(256, image side))",
+    )
+    g.add_argument("--resize", type=int, default=0, help="store images resized to SxS (0 = as is)")
+    g.add_argument("--rgb-format", choices=RGB_FORMATS, default="jpg", help="RGB member format")
+    g.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality when re-encoding")
+    g.add_argument(
+        "--depth-convention",
+        choices=schema.DEPTH_CONVENTIONS,
+        default=schema.NEAR_IS_LARGE,
+        help="orientation of the raw depth values",
+    )
+    g.add_argument("--workers", type=int, default=0, help="pack processes (0 = one per CPU)")
+    g.add_argument(
+        "--holdout",
+        type=float,
+        default=0.0,
+        help="fraction held out: writes OUT/train and OUT/test instead of OUT",
+    )
+    g.add_argument("--split-seed", type=int, default=0, help="seed of the holdout split")
+    g.add_argument("--keep-generations", type=int, default=3, help="label generations kept")
+    g.add_argument("--overwrite", action="store_true", help="replace a corpus already in --out")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p = argparse.ArgumentParser(prog="jsm-pack", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    s = sub.add_parser("synth", parents=[common], help="the synthetic generator")
+    s.add_argument("--num-samples", type=int, default=1000, help="number of scenes")
+    s.add_argument("--image-size", type=int, default=128, help="scene side in pixels")
+    s.add_argument("--seed", type=int, default=0, help="generator seed")
+    for src, what in (
+        ("caps", "CapS-style folder (RGB/ depth/ [GT/] CapS.csv)"),
+        ("benchmark", "RGB-D SOD benchmark folder (RGB/ depth/ GT/)"),
+    ):
+        f = sub.add_parser(src, parents=[common], help=what)
+        f.add_argument("--input", required=True, help=what)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = PackConfig(**vars(args))
+        results = pack(cfg)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        print(f"jsm-pack: error: {exc}", file=sys.stderr)
+        return 2
+    print(_summary(results))
+    packed = sum(r.packed for r in results)
+    if packed == 0:
+        print("jsm-pack: nothing could be packed", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,524 @@
+"""Streaming loaders over packed WebDataset shards: training and evaluation/refinement.
+
+Pipeline of one loader worker (open_clip style: each boundary says what flows there)::
+
+    shard ids of this worker, one pass (train: reshuffled per pass)   (_one_pass)
+      -> {"url": path}
+    tar members grouped by key                                  (wds.tarfile_to_samples)
+      -> {"__key__", "__url__", "rgb.jpg"|"rgb.png", "depth.png", "json", ["gt.png"]}
+    shuffle buffer (train only, seeded by epoch and pass)       (wds.shuffle)
+      -> the same raw samples, in buffer order (drained at the end of each pass)
+    decode + label lookup (corrupt samples skipped and counted) (decode.SampleDecoder)
+      -> numpy {"rgb" u8 HxWx3, "depth" f32 [0,1] near=1, "label" u8 (store size), "gt"?, ids, text}
+    joint augmentation + resize to train_size                   (augment.apply)
+      -> numpy sample at (train_size, train_size)
+    passes chained (eval: one; train: endless), then grouping   (_samples, wds.batched)
+      -> lists of batch_size samples
+    compact collation into this worker's next shared-memory slot  (batching.collate)
+      -> {"_slot", "_stats" (this worker's counters), ids, text}    (images in the slot)
+  main process (StreamLoader):
+    slot -> float32 batch dict (schema keys), slot freed        (batching.expand_batch)
+
+Splitting. Training: every epoch the shard list is shuffled with a seed from (seed, epoch),
+identical on every rank, and dealt to ranks by a greedy balance on sample counts (for
+equal-size shards this is exactly ``split_by_node``'s ``rank::world`` on the shuffled list);
+each rank deals its shards to its workers the same way. Evaluation: rank r reads exactly
+the shards with ``dist.owner_of_shard(s, world) == r`` (the shards whose labels it refines
+and writes), in order, each sample once, the last batch of each worker possibly partial.
+
+Equal batch count per rank (no DDP hang at epoch end, whatever the shard sizes): a training
+worker repeats its shards endlessly (a new shard order each pass) and the loader stops
+after ``n_batches = max(1, num_samples // (world_size * batch_size))`` batches, the same
+number on every rank. The shuffle buffer is drained at the end of every pass, so a worker
+delivers each of its samples once before it repeats any: an epoch is one pass over the
+corpus, except that a rank whose shards hold fewer samples than its share repeats a few
+and one with more leaves a few out (the per-epoch reshuffle and rebalance change which).
+
+Corrupt data (a truncated tar, an undecodable member, a missing member): skipped with a
+warning; every worker counts them and sends its counters with each batch (and with an
+end-of-stream marker the wrapper swallows), so nothing is lost across process boundaries.
+At the end of an epoch the loader logs the totals and keeps them in ``loader.stats``;
+the evaluation loader also reports samples of its shards that never arrived.
+
+Workers: ``num_workers`` processes per rank (0 = in the main process), never more than the
+rank's shards (clamped with a warning), started with ``start_method``. With ``fork`` (the
+default, fast) the loader first sets OpenCV to one thread in this process: forking while
+OpenCV's pool has live threads left workers deadlocked in OpenCV (observed here).
+``forkserver``/``spawn`` need the usual ``if __name__ == "__main__"`` guard in scripts.
+Batches come back through pre-allocated shared-memory slots (see batching.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import math
+import multiprocessing
+import random
+from collections import Counter
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from jsm_dist import dist, schema
+from jsm_dist.data import augment, decode
+from jsm_dist.data.batching import SharedBatchRing, collate, expand_batch
+from jsm_dist.data.corpus import Corpus
+
+log = logging.getLogger(__name__)
+
+START_METHODS = ("fork", "forkserver", "spawn")
+MAX_WARNINGS_PER_WORKER = 20  # detailed warnings per worker; later ones are only counted
+
+
+@dataclass
+class DataConfig:
+    """Loader settings (the ``data`` section of a run config)."""
+
+    train_size: int = 256  # side of the square images in a batch, pixels
+    batch_size: int = 8  # samples per batch per rank
+    num_workers: int = 2  # loader processes per rank (0 = main process); <= shards per rank
+    shuffle_buffer: int = 256  # training shuffle buffer, samples (0 or 1 = shard order only)
+    augment: bool = True  # training augmentation on/off (evaluation never augments)
+    flip: bool = True  # random horizontal flip
+    crop: float = 0.1  # random crop keeps (1 - crop) .. 1 of each side
+    rotate_deg: float = 15.0  # max rotation, degrees
+    rotate_prob: float = 0.2  # probability of a rotation (reference: 0.2)
+    color_jitter: bool = True  # brightness/contrast/saturation/sharpness on RGB only
+    read_labels: bool = True  # read LABEL from the label store (False: zeros)
+    prefetch_factor: int = 2  # batches prefetched per worker
+    pin_memory: bool = False  # pin batch memory (CUDA training)
+    start_method: str = "fork"  # worker processes: fork (fast start) | forkserver | spawn
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.train_size >= 8, "train_size", ">= 8"),
+            (self.batch_size >= 1, "batch_size", ">= 1"),
+            (self.num_workers >= 0, "num_workers", ">= 0"),
+            (self.shuffle_buffer >= 0, "shuffle_buffer", ">= 0"),
+            (self.prefetch_factor >= 1, "prefetch_factor", ">= 1"),
+            (self.start_method in START_METHODS, "start_method", f"one of {START_METHODS}"),
+        ]
+        for ok, name, what in checks:
+            if not ok:
+                raise ValueError(f"invalid setting data.{name}={getattr(self, name)!r}: {what}")
+        self.augment_config()  # validates crop / rotation ranges
+
+    def augment_config(self) -> augment.AugmentConfig:
+        return augment.AugmentConfig(
+            flip=self.flip,
+            crop=self.crop,
+            rotate_deg=self.rotate_deg,
+            rotate_prob=self.rotate_prob,
+            color_jitter=self.color_jitter,
+        )
+
+
+# ---- shard assignment -----------------------------------------------------------------
+def balanced_split(
+    shards: list[int], sizes: list[int], parts: int, seed: int | None = None
+) -> list[list[int]]:
+    """Deal ``shards`` to ``parts`` groups, largest first, each to the lightest group.
+
+    ``seed`` shuffles the order first (ties between equal sizes then fall differently
+    each epoch); the result is a pure function of the arguments, so every rank computes
+    the same split. Groups keep shards in dealing order.
+    """
+    order = list(shards)
+    if seed is not None:
+        random.Random(seed).shuffle(order)
+    order.sort(key=lambda s: -sizes[s])  # stable: shuffled order among equal sizes
+    groups: list[list[int]] = [[] for _ in range(parts)]
+    loads = [0] * parts
+    for s in order:
+        k = min(range(parts), key=lambda i: (loads[i], len(groups[i]), i))
+        groups[k].append(s)
+        loads[k] += sizes[s]
+    return groups
+
+
+# ---- per-worker counters --------------------------------------------------------------
+class _WorkerStats:
+    """Counters of one worker process; travel to the main process inside each batch."""
+
+    def __init__(self, worker: int) -> None:
+        self.worker = worker
+        self.skipped = 0  # samples dropped as corrupt
+        self.shard_errors = 0  # tar-level errors (rest of that shard lost)
+        self.reasons: Counter = Counter()
+        self.delivered: Counter = Counter()  # shard -> samples decoded
+        self.warned = 0
+
+    def _warn(self, msg: str) -> None:
+        self.warned += 1
+        if self.warned <= MAX_WARNINGS_PER_WORKER:
+            log.warning("skipping corrupt data (worker %d): %s", self.worker, msg)
+        elif self.warned == MAX_WARNINGS_PER_WORKER + 1:
+            log.warning("worker %d: further corrupt samples are only counted", self.worker)
+
+    def tar_error(self, exc: Exception) -> bool:
+        """wds handler for tar-level failures: count, warn, go on with the next shard."""
+        self.shard_errors += 1
+        self.reasons["unreadable tar"] += 1
+        self._warn(f"tar read error: {type(exc).__name__}: {str(exc)[:300]}")
+        return True
+
+    def decode_error(self, exc: Exception) -> bool:
+        """wds handler for the decode stage: count the sample as skipped and go on."""
+        self.skipped += 1
+        reason = exc.reason if isinstance(exc, decode.CorruptMember) else type(exc).__name__
+        self.reasons[reason] += 1
+        self._warn(str(exc)[:400])
+        return True
+
+    def snapshot(self) -> dict:
+        return {
+            "worker": self.worker,
+            "skipped": self.skipped,
+            "shard_errors": self.shard_errors,
+            "reasons": dict(self.reasons),
+            "delivered": dict(self.delivered),
+        }
+
+
+# ---- the per-worker pipeline --------------------------------------------------------
+class _ShardStream(IterableDataset):
+    """The per-worker pipeline (see the module docstring); yields batch dicts."""
+
+    def __init__(
+        self,
+        corpus: Corpus,
+        cfg: DataConfig,
+        worker_shards: list[list[int]],
+        *,
+        train: bool,
+        seed: int,
+        rank: int,
+        epoch: int,
+        store,
+    ) -> None:
+        super().__init__()
+        self.corpus, self.cfg, self.worker_shards = corpus, cfg, worker_shards
+        self.train, self.seed, self.rank, self.epoch, self.store = train, seed, rank, epoch, store
+        self.ring: SharedBatchRing | None = None  # set by StreamLoader when it has workers
+
+    def _one_pass(self, shards: list[int], worker: int, pass_idx: int, stats: _WorkerStats):
+        """Samples of one pass over this worker's shards (decoded, augmented, at train size)."""
+        cfg = self.cfg
+        base = dist.derive_seed(self.seed, self.rank, worker, self.epoch)
+        order = list(shards)
+        if self.train:
+            random.Random(dist.derive_seed(base, 2, pass_idx)).shuffle(order)
+        paths = self.corpus.shard_paths
+        shuffling = self.train and cfg.shuffle_buffer > 1
+        return wds.DataPipeline(
+            # this pass's shard order -> {"url": shard path}
+            lambda: iter([{"url": paths[s]} for s in order]),
+            # {"url"} -> raw samples {"__key__", "__url__", "<ext>": bytes}; bad tars counted
+            wds.tarfile_to_samples(handler=stats.tar_error),
+            # raw samples -> the same, in shuffle-buffer order (train; buffer drained each pass)
+            wds.shuffle(
+                cfg.shuffle_buffer,
+                initial=cfg.shuffle_buffer,
+                rng=random.Random(dist.derive_seed(base, 0, pass_idx)),
+            )
+            if shuffling
+            else None,
+            # raw -> decoded numpy samples + label from the store; corrupt ones counted, skipped
+            wds.map(self._decoder, handler=stats.decode_error),
+            # decoded -> augmented (train) and resized to train_size
+            wds.map(self._transform),
+        )
+
+    def _samples(self, shards: list[int], worker: int, stats: _WorkerStats):
+        """Eval: one pass. Train: endless passes, each in a new shard and buffer order."""
+        for pass_idx in itertools.count():
+            n = 0
+            for sample in self._one_pass(shards, worker, pass_idx, stats):
+                n += 1
+                yield sample
+            if not self.train:
+                return
+            if n == 0:
+                raise RuntimeError(f"no readable sample in shards {shards}: cannot fill batches")
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        shards = self.worker_shards[worker]
+        stats = _WorkerStats(worker)
+        cfg = self.cfg
+        if self.store is not None:
+            self.store.refresh()
+        url_to_shard = {p: i for i, p in enumerate(self.corpus.shard_paths)}
+        self._decoder = decode.SampleDecoder(self.corpus, self.store, url_to_shard)
+        base = dist.derive_seed(self.seed, self.rank, worker, self.epoch)
+        aug_rng = np.random.default_rng(dist.derive_seed(base, 1))
+        aug_cfg = cfg.augment_config()
+        augmenting = self.train and cfg.augment
+        out_hw = (cfg.train_size, cfg.train_size)
+
+        def transform(sample: dict) -> dict:
+            stats.delivered[sample[schema.SHARD]] += 1
+            geom = augment.sample_geometry(aug_rng, aug_cfg) if augmenting else augment.IDENTITY
+            return augment.apply(sample, out_hw, geom, aug_rng, augmenting and cfg.color_jitter)
+
+        self._transform = transform
+        ring = self.ring if info is not None else None
+        # samples (across passes) -> lists of samples; a training batch may span two passes
+        groups = wds.batched(cfg.batch_size, collation_fn=None, partial=not self.train)
+        for i, group in enumerate(groups(self._samples(shards, worker, stats))):
+            # -> compact batch dict (images in this worker's next shared slot when there is one)
+            if ring is not None:
+                slot = i % ring.slots
+                ring.acquire(worker)
+                batch = collate(group, ring.views(worker, slot))
+                batch["_slot"] = slot
+            else:
+                batch = collate(group)
+            batch["_stats"] = stats.snapshot()
+            yield batch
+        yield {"_stats": stats.snapshot(), "_end": True}
+
+
+def _worker_init(start_method: str, _: int) -> None:
+    if start_method != "fork":  # a fresh interpreter: safe to configure OpenCV's pool
+        cv2.setNumThreads(1)  # one process per core already; OpenCV threads would oversubscribe
+
+
+class StreamLoader:
+    """Iterable of batch dicts with ``len()`` = batches per epoch and ``stats`` after it."""
+
+    def __init__(
+        self,
+        dataset: _ShardStream,
+        *,
+        num_workers: int,
+        n_batches: int,
+        expected: dict[int, int] | None,
+        name: str,
+    ) -> None:
+        self.dataset, self.num_workers, self.n_batches = dataset, num_workers, n_batches
+        self.expected, self.name = expected, name
+        self.stats: dict = {}
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __iter__(self):
+        cfg = self.dataset.cfg
+        kwargs = {"batch_size": None, "num_workers": self.num_workers}
+        pin = cfg.pin_memory and torch.cuda.is_available()
+        if self.num_workers > 0:
+            if cfg.start_method == "fork":
+                # Forking while OpenCV's thread pool has live threads leaves the children a
+                # pool they deadlock on (seen here: a worker hung in cv2.setNumThreads). One
+                # thread in this process = no pool threads to inherit.
+                cv2.setNumThreads(1)
+            kwargs.update(
+                prefetch_factor=cfg.prefetch_factor,
+                worker_init_fn=functools.partial(_worker_init, cfg.start_method),
+                multiprocessing_context=cfg.start_method,
+            )
+            ctx = multiprocessing.get_context(cfg.start_method)
+            ring = SharedBatchRing(
+                ctx, self.num_workers, cfg.prefetch_factor + 1, cfg.batch_size, cfg.train_size
+            )
+        else:
+            ring = None
+        self.dataset.ring = ring
+        per_worker: dict[int, dict] = {}
+        batches = samples = 0
+        last = None  # the final training batch, handed out after the workers are shut down
+        it = iter(DataLoader(self.dataset, **kwargs))
+        try:
+            for item in it:
+                snap = item.pop("_stats")
+                per_worker[snap["worker"]] = snap
+                if item.pop("_end", False):
+                    continue
+                batches += 1
+                n = len(item[schema.KEY])
+                samples += n
+                slot = item.pop("_slot", None)
+                if slot is None:
+                    batch = expand_batch(item, pin)
+                else:
+                    views = ring.views(snap["worker"], slot)
+                    batch = expand_batch(item, pin, {k: v[:n] for k, v in views.items()})
+                    ring.release(snap["worker"])  # converted: the worker may reuse the slot
+                if self.dataset.train and batches >= self.n_batches:
+                    last = batch  # a caller taking exactly len() batches never resumes us:
+                    break  # stop the workers now, not when this generator is collected
+                yield batch
+        finally:
+            if ring is not None:  # unblock workers waiting for a slot, so they can exit
+                for w in range(self.num_workers):
+                    ring.release(w, ring.slots)
+            del it  # shuts the workers down
+            self.dataset.ring = None
+            self._finish(per_worker, batches, samples)
+        if last is not None:
+            yield last
+
+    def _finish(self, per_worker: dict[int, dict], batches: int, samples: int) -> None:
+        reasons: Counter = Counter()
+        delivered: Counter = Counter()
+        for snap in per_worker.values():
+            reasons.update(snap["reasons"])
+            delivered.update({int(k): v for k, v in snap["delivered"].items()})
+        skipped = sum(s["skipped"] for s in per_worker.values())
+        missing = {}
+        if self.expected is not None:
+            missing = {
+                s: n - delivered.get(s, 0)
+                for s, n in self.expected.items()
+                if delivered.get(s, 0) < n
+            }
+        self.stats = {
+            "batches": batches,
+            "samples": samples,
+            "skipped": skipped,
+            "shard_errors": sum(s["shard_errors"] for s in per_worker.values()),
+            "reasons": dict(reasons),
+            "missing": missing,
+        }
+        if skipped or self.stats["shard_errors"] or missing:
+            log.warning(
+                "%s: %d batches, %d samples; skipped %d corrupt samples, %d unreadable shard "
+                "reads (%s); samples that never arrived: %s",
+                self.name,
+                batches,
+                samples,
+                skipped,
+                self.stats["shard_errors"],
+                dict(reasons),
+                sum(missing.values()) if missing else 0,
+            )
+        else:
+            log.info("%s: %d batches, %d samples, no corrupt data", self.name, batches, samples)
+
+
+# ---- factories --------------------------------------------------------------------------
+def _open_store(corpus: Corpus, cfg: DataConfig):
+    if not cfg.read_labels:
+        return None
+    from jsm_dist.labels import LabelStore
+
+    store = LabelStore.open(corpus.label_dir)
+    if list(store.shard_sizes) != corpus.shard_sizes:
+        raise ValueError(
+            f"label store {corpus.label_dir} shard sizes {list(store.shard_sizes)[:8]} do not "
+            f"match corpus {corpus.shard_sizes[:8]}"
+        )
+    return store
+
+
+def _clamp_workers(requested: int, n_shards: int, what: str) -> int:
+    if requested > n_shards:
+        log.warning(
+            "%s: %d workers but only %d shards on this rank: using %d",
+            what,
+            requested,
+            n_shards,
+            n_shards,
+        )
+        return n_shards
+    return requested
+
+
+def make_train_loader(
+    corpus: Corpus, cfg: DataConfig, *, epoch: int, seed: int, world: dist.WorldInfo | None = None
+) -> StreamLoader:
+    """Shuffled, augmented, endless-per-worker stream cut at the same batch count on every rank."""
+    world = world or dist.world_info()
+    sizes = corpus.shard_sizes
+    nonempty = [s for s, n in enumerate(sizes) if n > 0]
+    if len(nonempty) < world.world_size:
+        raise ValueError(
+            f"corpus {corpus.root} has {len(nonempty)} non-empty shards for {world.world_size} "
+            "ranks: every rank needs one (repack with a smaller --samples-per-shard)"
+        )
+    per_rank = balanced_split(nonempty, sizes, world.world_size, dist.derive_seed(seed, epoch))
+    mine = per_rank[world.rank]
+    workers = _clamp_workers(cfg.num_workers, len(mine), "train loader")
+    worker_seed = dist.derive_seed(seed, world.rank, epoch)
+    worker_shards = balanced_split(mine, sizes, max(1, workers), worker_seed)
+    total = corpus.num_samples
+    n_batches = total // (world.world_size * cfg.batch_size)
+    if n_batches == 0:
+        log.warning(
+            "corpus of %d samples < world %d x batch %d: 1 batch per epoch (repeats)",
+            total,
+            world.world_size,
+            cfg.batch_size,
+        )
+        n_batches = 1
+    ds = _ShardStream(
+        corpus,
+        cfg,
+        worker_shards,
+        train=True,
+        seed=seed,
+        rank=world.rank,
+        epoch=epoch,
+        store=_open_store(corpus, cfg),
+    )
+    return StreamLoader(
+        ds,
+        num_workers=workers,
+        n_batches=n_batches,
+        expected=None,
+        name=f"train loader (rank {world.rank}, epoch {epoch})",
+    )
+
+
+def make_eval_loader(
+    corpus: Corpus,
+    cfg: DataConfig,
+    *,
+    world: dist.WorldInfo | None = None,
+    shards: list[int] | None = None,
+) -> StreamLoader:
+    """Un-augmented, unshuffled; rank r reads the shards it owns (``shard % world == r``).
+
+    ``shards`` restricts the candidates (the owner rule still applies). Every sample of
+    the selected shards arrives exactly once over all ranks; ``len()`` assumes none is
+    corrupt. Ranks may get different batch counts (evaluation has no DDP step).
+    """
+    world = world or dist.world_info()
+    sizes = corpus.shard_sizes
+    candidates = range(len(sizes)) if shards is None else shards
+    for s in candidates:
+        if not 0 <= s < len(sizes):
+            raise ValueError(f"shard {s} out of range: corpus has {len(sizes)} shards")
+    mine = [
+        s
+        for s in candidates
+        if dist.owner_of_shard(s, world.world_size) == world.rank and sizes[s] > 0
+    ]
+    workers = _clamp_workers(cfg.num_workers, len(mine), "eval loader")
+    worker_shards = balanced_split(mine, sizes, max(1, workers)) if mine else [[]]
+    n_batches = sum(math.ceil(sum(sizes[s] for s in g) / cfg.batch_size) for g in worker_shards)
+    ds = _ShardStream(
+        corpus,
+        cfg,
+        worker_shards,
+        train=False,
+        seed=0,
+        rank=world.rank,
+        epoch=0,
+        store=_open_store(corpus, cfg),
+    )
+    return StreamLoader(
+        ds,
+        num_workers=workers,
+        n_batches=n_batches,
+        expected={s: sizes[s] for s in mine},
+        name=f"eval loader (rank {world.rank})",
+    )
