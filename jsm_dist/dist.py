@@ -145,3 +145,26 @@ def make_accelerator(
     )
     launcher.verify_world(acc)
     return acc
+
+
+def fault_point(name: str, value: int | None = None) -> None:
+    """Fault injection for crash tests: SIGKILL this process at a named point.
+
+    ``JSM_FAULT=<name>[:<value>]`` (and optionally ``JSM_FAULT_RANK=<rank>``, default 0)
+    kills the matching rank with SIGKILL — a real, unclean death, no cleanup — when the
+    run reaches ``fault_point(name, value)``. Unset (always, outside tests) it does nothing.
+    """
+    spec = os.environ.get("JSM_FAULT")
+    if not spec:
+        return
+    want, _, val = spec.partition(":")
+    if want != name or (val and value is not None and int(val) != value):
+        return
+    if world_info().rank != int(os.environ.get("JSM_FAULT_RANK", "0")):
+        return
+    import signal
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -117,6 +117,7 @@ def refine_labels(
                 new_u8[sel],
                 conf_np[sel] if conf_np is not None else None,
             )
+        dist.fault_point("refine_batch", int(sums[0]))  # crash tests: die mid-pass
         b = new.shape[0]
         sums[0] += b
         sums[1] += (new - old).abs().mean(dim=(1, 2, 3)).sum().item()

@@ -210,6 +210,7 @@ def run(cfg: Config) -> TrainState:
             losses = train_step(accelerator, model, optimizer, scheduler, batch, cfg)
             state.step_in_epoch = step + 1
             state.global_step += 1
+            dist.fault_point("step", state.global_step)  # crash tests: die after this step
             now = time.perf_counter()
             tele.log_step(state.global_step, losses, samples=len(batch[schema.KEY]) * world.world_size,
                           step_time=now - t_last, data_time=t_data - t_last, epoch=epoch)
@@ -222,6 +223,10 @@ def run(cfg: Config) -> TrainState:
             state.refine_pending = True  # saved first: a crash in the pass redoes it on resume
         ckpt.save(accelerator, state, config_json)
 
+    # every rank reports its step count: equal steps per rank is what keeps DDP from hanging
+    steps = dist.all_gather_object(state.global_step)
+    tele.log_event("done", steps_per_rank=steps, label_generation=state.label_generation,
+                   refinements=state.refinements, **tele.summary())
     if accelerator.is_main_process:
         save_model(out / "model.pt", raw_model)
     tele.close()

@@ -335,6 +335,9 @@ class StreamLoader:
         per_worker: dict[int, dict] = {}
         batches = samples = 0
         last = None  # the final training batch, handed out after the workers are shut down
+        # A private generator: DataLoader otherwise draws its base seed from the global torch
+        # RNG, so creating a loader would shift dropout randomness and break exact resume.
+        kwargs["generator"] = torch.Generator().manual_seed(0)
         it = iter(DataLoader(self.dataset, **kwargs))
         try:
             for item in it:

@@ -1,0 +1,163 @@
+"""The training job for real: 2 processes (gloo) through ``accelerate launch``.
+
+Crashes are real SIGKILLs at named points (``JSM_FAULT``, see ``dist.fault_point``), so the
+tests are deterministic about *where* a run dies without mocking anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jsm_dist.labels import LabelStore
+from helpers import make_tiny_corpus
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+SHARDS = (9, 5, 7, 3)  # uneven: rank 0 owns 16 samples for refinement, rank 1 owns 8
+COMMON = [
+    "--model.encoder", "tiny", "--model.pretrained", "false", "--model.crf", "false",
+    "--data.train_size", "32", "--data.batch_size", "4", "--data.num_workers", "1",
+    "--tensorboard", "false", "--seed", "3",
+]
+
+
+def _port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def launch(args: list[str], *, deepspeed: bool = False, fault: str = "", timeout: int = 300):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.pop("JSM_FAULT", None)
+    if fault:
+        env["JSM_FAULT"] = fault
+    acc = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+           "--num_machines", "1", "--main_process_port", str(_port())]
+    if deepspeed:
+        acc += ["--use_deepspeed", "--deepspeed_config_file", str(REPO / "ds_config.json")]
+        env.pop("ACCELERATE_USE_CPU", None)
+    else:
+        acc += ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        env["ACCELERATE_USE_CPU"] = "1"
+    cmd = acc + ["-m", "jsm_dist.train", *COMMON, *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
+
+
+def losses_by_step(run: Path) -> dict[int, float]:
+    """The loss logged at each step (the LAST record wins: a resumed run re-logs steps)."""
+    return {r["step"]: r["loss"] for r in records(run) if r.get("kind") == "step"}
+
+
+def store_labels(run: Path) -> np.ndarray:
+    store = LabelStore.open(run / "labels")
+    return np.stack(
+        [store.read(s, i) for s, n in enumerate(store.shard_sizes) for i in range(n)]
+    )
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_tiny_corpus(tmp_path_factory.mktemp("corpus"), shard_sizes=SHARDS, size=32)
+
+
+@pytest.fixture(scope="module")
+def reference_run(corpus, tmp_path_factory):
+    """Uninterrupted DDP run: 2 epochs, a refinement after each, checkpoints every 2 steps."""
+    run = tmp_path_factory.mktemp("ref") / "run"
+    res = launch(["--corpus", str(corpus.root), "--out_dir", str(run), "--epochs", "2",
+                  "--tau", "1", "--checkpoint_every", "2"])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return run
+
+
+def test_ddp_equal_steps_and_one_commit_per_refinement(reference_run):
+    recs = records(reference_run)
+    done = [r for r in recs if r.get("name") == "done"][-1]
+    # 24 samples / (2 ranks * batch 4) = 3 steps per epoch on each rank, despite uneven shards
+    assert done["steps_per_rank"] == [6, 6]
+    refines = [r for r in recs if r.get("name") == "refine"]
+    assert [r["generation"] for r in refines] == [1, 2]
+    assert all(r["samples"] == sum(SHARDS) for r in refines)  # both ranks' shards refined
+    store = LabelStore.open(reference_run / "labels")
+    assert store.generation == 2 and store.generations == [0, 1, 2]
+    assert (reference_run / "model.pt").is_file()
+
+
+def test_resume_after_kill_mid_epoch_matches_uninterrupted(corpus, reference_run, tmp_path):
+    run = tmp_path / "run"
+    args = ["--corpus", str(corpus.root), "--out_dir", str(run), "--epochs", "2", "--tau", "1",
+            "--checkpoint_every", "2"]
+    # step 5 is mid epoch 2 (3 steps per epoch); the newest checkpoint is then step 4
+    res = launch(args, fault="step:5")
+    assert res.returncode != 0, "the fault did not kill the run"
+    state = json.loads(
+        sorted((run / "checkpoints").glob("step-*/train_state.json"))[-1].read_text()
+    )
+    assert state["global_step"] == 4 and state["step_in_epoch"] == 1
+    res = launch(args + ["--resume", "latest"])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    ref, got = losses_by_step(reference_run), losses_by_step(run)
+    assert sorted(got) == sorted(ref)
+    for step in (5, 6):  # the steps replayed after the resume
+        assert got[step] == pytest.approx(ref[step], rel=1e-4, abs=1e-5), step
+    np.testing.assert_allclose(store_labels(run), store_labels(reference_run), atol=1)
+
+
+def test_kill_during_refinement_then_resume_loses_nothing(corpus, reference_run, tmp_path):
+    run = tmp_path / "run"
+    args = ["--corpus", str(corpus.root), "--out_dir", str(run), "--epochs", "2", "--tau", "1",
+            "--checkpoint_every", "2"]
+    res = launch(args, fault="refine_batch")  # dies after writing its first refined batch
+    assert res.returncode != 0
+    store = LabelStore.open(run / "labels")
+    assert store.generation == 0  # the half-written generation 1 is invisible
+    res = launch(args + ["--resume", "latest"])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    store = LabelStore.open(run / "labels")
+    assert store.generation == 2
+    done = [r for r in records(run) if r.get("name") == "done"][-1]
+    assert done["refinements"] == 2
+    np.testing.assert_allclose(store_labels(run), store_labels(reference_run), atol=1)
+
+
+def test_deepspeed_zero2_train_refine_and_resume(corpus, tmp_path):
+    run = tmp_path / "run"
+    args = ["--corpus", str(corpus.root), "--out_dir", str(run), "--tau", "1"]
+    res = launch(args + ["--epochs", "1"], deepspeed=True, timeout=400)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    ckpt = sorted((run / "checkpoints").glob("step-*"))[-1]
+    assert (ckpt / "pytorch_model").is_dir(), "not a DeepSpeed checkpoint"
+    res = launch(args + ["--epochs", "2", "--resume", "latest"], deepspeed=True, timeout=400)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    recs = records(run)
+    done = [r for r in recs if r.get("name") == "done"][-1]
+    assert done["steps_per_rank"] == [6, 6] and done["refinements"] == 2
+    steps = sorted(r["step"] for r in recs if r.get("kind") == "step")
+    assert steps == [1, 2, 3, 4, 5, 6]  # resumed at step 4, nothing trained twice
+
+
+def test_bad_settings_fail_before_work(corpus, tmp_path):
+    env = dict(os.environ)
+    cmd = [sys.executable, "-m", "jsm_dist.train", "--corpus", str(tmp_path / "nope")]
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "no corpus.json" in res.stderr
+    cmd = [sys.executable, "-m", "jsm_dist.train", "--corpus", str(corpus.root),
+           "--data.batch_size", "0"]
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "batch_size" in res.stderr
