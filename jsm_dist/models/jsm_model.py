@@ -1,0 +1,290 @@
+"""JSMModel: saliency, depth, SSM and text networks in ONE nn.Module.
+
+One module and one optimizer (with a parameter group per sub-network) replace the reference's
+four models and four Adam optimizers. The losses are summed into ``loss``; since every
+sub-network's loss only reaches that sub-network's parameters (the saliency prediction and
+the visual feature are detached where the reference detaches them), ``backward`` of the sum
+gives each parameter exactly the gradient the reference's separate ``backward`` calls give,
+and per-parameter Adam plus per-element value clipping then make identical updates
+(``tests/unit/test_models.py`` checks this).
+
+Settings (``ModelConfig.mode``):
+
+- ``weak``: labels = the batch's pseudo-labels; the text network is trained (positive/negative
+  NLL pair) and weighs the two candidates at update time.
+- ``unsupervised``: no tags/captions; no text network. The update mixes the current label and
+  the BNS candidate with fixed weights ``(1 - unsup_weight_d, unsup_weight_d)`` (default equal).
+- ``full``: labels = ground truth; SSM/depth network trained as an auxiliary task; no text
+  network; ``refine`` returns the batch label unchanged (no update).
+
+Choices against the reference (each a config switch): the text network reads the saliency
+encoder's stride-16 features by default (``text_feature``; measurement in models/text.py);
+the SSM kernel learns through a straight-through estimator (``ssm_straight_through``; in the
+reference the hard threshold leaves the "learnable" kernel without gradient); the CRF runs
+in a process pool on float maps, no PNG round trip. ``refine``/``predict`` switch to eval
+mode themselves and restore the previous mode.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from jsm_dist import jsm, schema
+from jsm_dist.models.config import ModelConfig
+from jsm_dist.models.saliency import CPDNet
+from jsm_dist.models.ssm import SSM
+from jsm_dist.models.text import TSM
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class JSMModel(nn.Module):
+    """The whole JSM training pipeline. ``vocab[0]`` must be ``"<negative>"``."""
+
+    def __init__(self, cfg: ModelConfig, vocab: list[str], *, load_pretrained: bool = True):
+        super().__init__()
+        if not vocab or vocab[0] != schema.NEGATIVE_WORD:
+            raise ValueError(f"vocab[0] must be {schema.NEGATIVE_WORD!r}, got {vocab[:1]!r}")
+        self.cfg, self.vocab = cfg, list(vocab)
+
+        def cpd() -> CPDNet:
+            return CPDNet(
+                cfg.encoder,
+                cfg.encoder_weights,
+                cfg.pretrained and load_pretrained,
+                cfg.decoder_channels,
+                cfg.gauss_size,
+                cfg.gauss_nsig,
+                cfg.gauss_mode,
+            )
+
+        self.saliency = cpd()
+        self.depth = cpd()
+        self.ssm = SSM(
+            cfg.gauss_size,
+            cfg.gauss_nsig,
+            cfg.gauss_mode,
+            cfg.ssm_threshold,
+            cfg.ssm_straight_through,
+        )
+        self.text: TSM | None = None
+        if cfg.mode == "weak":
+            self.text = TSM(
+                self.vocab,
+                self.saliency.feature_channels(cfg.text_feature),
+                cfg.text_model,
+                cfg.tokenizer,
+                cfg.text_hidden,
+                cfg.text_layers,
+                cfg.text_heads,
+                cfg.visual_dim,
+                cfg.text_dropout,
+                cfg.max_text_len,
+                load_pretrained=load_pretrained,
+            )
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    # ---- inputs ----------------------------------------------------------------------------
+    def _norm_rgb(self, rgb: torch.Tensor) -> torch.Tensor:
+        return (rgb - self.mean) / self.std
+
+    def _depth_in(self, rgb_n: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+        if self.cfg.depth_input == "rgb":
+            return rgb_n  # the reference feeds the depth network the RGB image
+        # depth replicated to 3 channels, normalised with the ImageNet grey statistics
+        return (depth.expand(-1, 3, -1, -1) - 0.449) / 0.226
+
+    def _text_batch(self, batch: dict, device):
+        return self.text.encode_text(
+            list(batch[schema.CAPTION]), batch[schema.WORD_POS], batch[schema.WORD], device
+        )
+
+    # ---- training --------------------------------------------------------------------------
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Losses for one (augmented) batch: ``loss`` = ``loss_sal + loss_dep + loss_txt``."""
+        rgb = batch[schema.RGB]
+        depth = batch[schema.DEPTH].to(rgb.dtype)
+        target = batch[schema.GT if self.cfg.mode == "full" else schema.LABEL].to(rgb.dtype)
+        x = self._norm_rgb(rgb)
+        need_feat = self.text is not None
+        att, det, feat = self.saliency(x, feat=self.cfg.text_feature if need_feat else None)
+
+        if self.cfg.sample_weighting:
+            w = jsm.sample_loss_weights(det, target)  # sums to 1 over the batch
+
+            def bce(logit):
+                per = F.binary_cross_entropy_with_logits(logit, target, reduction="none")
+                return (per.flatten(1).mean(1) * w).sum()
+        else:
+
+            def bce(logit):
+                return F.binary_cross_entropy_with_logits(logit, target)
+
+        loss_sal = (bce(att) + bce(det)) / 2.0
+
+        s_prob = torch.sigmoid(det.detach())
+        d_mask = self.ssm(s_prob, depth)  # Eq. 1 (kernel learns through the STE, if enabled)
+        att_d, det_d, _ = self.depth(self._depth_in(x, depth), feat=None)
+        loss_dep = (F.mse_loss(att_d, d_mask) + F.mse_loss(det_d, d_mask)) / 2.0
+
+        if self.text is not None:
+            text = self._text_batch(batch, rgb.device)
+            maps = torch.stack([s_prob, 1.0 - s_prob])  # salient region, background
+            logp = F.log_softmax(self.text(feat.detach(), maps, text), dim=-1)
+            loss_txt = jsm.tsm_loss(logp, batch[schema.WORD].to(rgb.device).long())
+        else:
+            loss_txt = loss_sal.new_zeros(())
+        return {
+            "loss": loss_sal + loss_dep + loss_txt,
+            "loss_sal": loss_sal,
+            "loss_dep": loss_dep,
+            "loss_txt": loss_txt,
+        }
+
+    # ---- label update ----------------------------------------------------------------------
+    @torch.no_grad()
+    def refine(self, batch: dict) -> dict[str, torch.Tensor]:
+        """New labels for an un-augmented batch (runs in eval mode, restores the mode after).
+
+        Returns ``label`` (B, 1, H, W) in [0, 1], ``candidate`` = BNS ``L_d`` (B, 1, H, W),
+        ``conf`` (B, 2) float32 = (w_g, w_d).
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            return self._refine(batch)
+        finally:
+            self.train(was_training)
+
+    def _refine(self, batch: dict) -> dict[str, torch.Tensor]:
+        rgb = batch[schema.RGB]
+        l_g = batch[schema.LABEL].to(rgb.dtype)
+        b = rgb.shape[0]
+        x = self._norm_rgb(rgb)
+        _, det, feat = self.saliency(x, feat=self.cfg.text_feature if self.text else None)
+        _, det_d, _ = self.depth(self._depth_in(x, batch[schema.DEPTH].to(rgb.dtype)), feat=None)
+        l_d = jsm.bns_candidate(det, det_d)
+        if self.cfg.mode == "full":
+            conf = torch.tensor([[1.0, 0.0]], device=rgb.device).expand(b, 2)
+            return {"label": l_g.clamp(0, 1), "candidate": l_d, "conf": conf.float().contiguous()}
+        if self.text is not None:
+            logits = self.text(feat, torch.stack([l_g, l_d]), self._text_batch(batch, rgb.device))
+            word = batch[schema.WORD].to(rgb.device).long()
+            p = jsm.word_log_prob(logits, word)  # (2, B)
+            conf = jsm.jsm_weights(p[0], p[1])
+            # no salient word -> no text evidence: the text-free fixed weights
+            fixed = torch.tensor(
+                [1.0 - self.cfg.unsup_weight_d, self.cfg.unsup_weight_d], device=rgb.device
+            )
+            conf = torch.where((word == schema.NEGATIVE_CLASS)[:, None], fixed.to(conf.dtype), conf)
+        else:
+            wd = self.cfg.unsup_weight_d
+            conf = torch.tensor([[1.0 - wd, wd]], device=rgb.device).expand(b, 2)
+        label = jsm.jsm_update(l_g, l_d, conf)
+        label = jsm.postprocess(label, self.cfg.post_sigmoid, self.cfg.post_minmax)
+        if self.cfg.crf:
+            params = jsm.CRFParams(size=self.cfg.crf_size, iters=self.cfg.crf_iters)
+            label = jsm.dense_crf(label, rgb, params, workers=self.cfg.crf_workers)
+        return {"label": label.clamp(0, 1), "candidate": l_d, "conf": conf.float().contiguous()}
+
+    @torch.no_grad()
+    def text_log_probs(self, batch: dict, maps: torch.Tensor) -> torch.Tensor:
+        """Diagnostics: log-probabilities (K, B, n_classes) of the text network for K maps
+        (K, B, 1, H, W) over the saliency features of ``batch`` (eval mode)."""
+        if self.text is None:
+            raise RuntimeError(f"mode {self.cfg.mode!r} has no text network")
+        was_training = self.training
+        self.eval()
+        try:
+            rgb = batch[schema.RGB]
+            _, _, feat = self.saliency(self._norm_rgb(rgb), feat=self.cfg.text_feature)
+            logits = self.text(feat, maps.to(rgb.dtype), self._text_batch(batch, rgb.device))
+            return F.log_softmax(logits, dim=-1)
+        finally:
+            self.train(was_training)
+
+    # ---- test time -------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, rgb: torch.Tensor) -> torch.Tensor:
+        """Saliency probabilities (B, 1, H, W) from RGB in [0, 1]: the saliency network only,
+        detection branch, in eval mode (restores the mode after)."""
+        was_training = self.training
+        self.eval()
+        try:
+            _, det, _ = self.saliency(self._norm_rgb(rgb), feat=None)
+            return torch.sigmoid(det)
+        finally:
+            self.train(was_training)
+
+    # ---- optimisation ----------------------------------------------------------------------
+    def sub_networks(self) -> dict[str, nn.Module]:
+        nets = {"saliency": self.saliency, "depth": self.depth, "ssm": self.ssm}
+        if self.text is not None:
+            nets["text"] = self.text
+        return nets
+
+    def param_groups(self, lr: float, **overrides: float) -> list[dict]:
+        """One optimizer param group per sub-network (``name`` key), all at ``lr``
+        unless ``overrides`` gives a sub-network its own (e.g. ``text=5e-5``). Frozen
+        parameters are left out, and so is a sub-network with none left (the reference SSM)."""
+        unknown = set(overrides) - set(self.sub_networks())
+        if unknown:
+            raise ValueError(f"param_groups: unknown sub-networks {sorted(unknown)}")
+        groups = []
+        for name, net in self.sub_networks().items():
+            params = [p for p in net.parameters() if p.requires_grad]
+            if params:
+                groups.append({"params": params, "lr": overrides.get(name, lr), "name": name})
+        return groups
+
+    def clip_gradients(self, clip: float | None = None) -> None:
+        """Clamp every gradient to [-clip, clip] by value (reference ``clip_gradient``);
+        ``clip`` defaults to ``cfg.grad_clip``; no-op when both are None."""
+        clip_grad_value(self.parameters(), self.cfg.grad_clip if clip is None else clip)
+
+
+def clip_grad_value(params, clip: float | None) -> None:
+    """Reference gradient clipping by value; ``None`` = off."""
+    if clip is not None:
+        torch.nn.utils.clip_grad_value_(list(params), clip)
+
+
+def save_model(path: str | os.PathLike, model: JSMModel) -> None:
+    """Write ``{"config", "vocab", "state_dict"}`` atomically (temp file + os.replace)."""
+    model = getattr(model, "module", model)  # unwrap DDP
+    path = os.fspath(path)
+    payload = {
+        "config": model.cfg.to_dict(),
+        "vocab": model.vocab,
+        "state_dict": model.state_dict(),
+    }
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> JSMModel:
+    """Rebuild a :class:`JSMModel` from :func:`save_model`'s file (no pretrained downloads)."""
+    payload = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
+    cfg = ModelConfig.from_dict(payload["config"])
+    model = JSMModel(cfg, payload["vocab"], load_pretrained=False)
+    model.load_state_dict(payload["state_dict"])
+    return model
