@@ -195,7 +195,15 @@ class JSMModel(nn.Module):
         if self.cfg.crf:
             params = jsm.CRFParams(size=self.cfg.crf_size, iters=self.cfg.crf_iters)
             label = jsm.dense_crf(label, rgb, params, workers=self.cfg.crf_workers)
-        return {"label": label.clamp(0, 1), "candidate": l_d, "conf": conf.float().contiguous()}
+        label = label.clamp(0, 1)
+        out = {"label": label, "candidate": l_d, "conf": conf.float().contiguous()}
+        if self.text is not None:
+            # GT-free quality signal: how surely the text network names the salient word
+            # from the region the NEW label selects (used to choose a generation to stop at)
+            logits = self.text(feat, label[None], self._text_batch(batch, rgb.device))
+            word = batch[schema.WORD].to(rgb.device).long()
+            out["text_conf"] = jsm.word_log_prob(logits, word)[0].exp().float()
+        return out
 
     @torch.no_grad()
     def text_log_probs(self, batch: dict, maps: torch.Tensor) -> torch.Tensor:
