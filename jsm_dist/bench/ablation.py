@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=6, help="epochs per variant")
     p.add_argument("--tau", type=int, default=2, help="refine every tau epochs")
     p.add_argument("--procs", type=int, default=2, help="processes per run")
+    p.add_argument("--lr", type=float, default=5e-4, help="train.lr of every variant")
     p.add_argument("--encoder", default="efficientnet_lite0", help="model.encoder")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants")
     args = p.parse_args(argv)
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                "-m", "jsm_dist.train", "--corpus", str(root / "train"), "--out_dir", str(run),
                "--epochs", str(args.epochs), "--tau", str(args.tau), "--model.encoder",
                args.encoder, "--data.train_size", str(args.size), "--data.batch_size", "8",
-               "--data.num_workers", "1", "--tensorboard", "false", *VARIANTS[name]]
+               "--data.num_workers", "1", "--tensorboard", "false", "--lr", str(args.lr),
+               *VARIANTS[name]]
         t0 = time.perf_counter()
         env = dict(os.environ, ACCELERATE_USE_CPU="1")
         res = subprocess.run(cmd, env=env, capture_output=True, text=True)
