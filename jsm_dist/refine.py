@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from jsm_dist import dist, schema
+from jsm_dist.data.batching import to_float
 from jsm_dist.data.corpus import Corpus
 from jsm_dist.data.stream import DataConfig, make_eval_loader
 from jsm_dist.labels import LabelStore
@@ -55,10 +56,6 @@ def _to_label_size(x: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     if tuple(x.shape[-2:]) != tuple(size):
         x = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False)
     return (x[:, 0].clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
-
-
-def _move(batch: dict, device: torch.device) -> dict:
-    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -100,7 +97,7 @@ def refine_labels(
 
         it = tqdm(loader, desc=f"refine gen {new_gen}", unit="batch", leave=False)
     for batch in it:
-        batch = _move(batch, device)
+        batch = to_float(batch, device)
         out = model.refine(batch)
         new = out["label"].float()
         old = batch[schema.LABEL].float()

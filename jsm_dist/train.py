@@ -131,6 +131,7 @@ def train_step(accelerator, model, optimizer, scheduler, batch, cfg: Config) -> 
 
 
 def run(cfg: Config) -> TrainState:
+    from jsm_dist.data.batching import to_float
     from jsm_dist.data.stream import make_train_loader
     from jsm_dist.models import JSMModel, save_model
     from jsm_dist.refine import refine_labels
@@ -206,7 +207,7 @@ def run(cfg: Config) -> TrainState:
         for step in range(state.step_in_epoch, per_epoch):
             batch = next(batches)
             t_data = time.perf_counter()
-            batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            batch = to_float(batch, device, non_blocking=True)  # uint8/uint16 -> float on device
             losses = train_step(accelerator, model, optimizer, scheduler, batch, cfg)
             state.step_in_epoch = step + 1
             state.global_step += 1

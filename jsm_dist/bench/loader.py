@@ -14,9 +14,15 @@ One run, same data, same worker count and batch size, measured side by side:
   torchvision is not installed here, so its Resize/ToTensor/Normalize are written with
   PIL + torch (same operations).
 * **ours**: ``make_train_loader`` on shards packed from the same folder (the JPEG bytes are
-  stored untouched), with augmentation and label-store reads.
+  stored untouched), as training runs it (default ``DataConfig``): GT decode, label-store
+  reads, depth normalisation, the default joint augmentation (flip, crop, p=0.2 rotation,
+  colour jitter), resize to the train size, ids; batches of integer images (the float32
+  conversion runs on the training device, ``batching.to_float``, as ``jsm_dist.train``
+  does).
 * **ours, no augment**: the same with augmentation off (shows where the gap to the limit goes).
-* **decode limit**: a worker pool that only reads the same shards and decodes RGB + depth.
+* **decode limit**: a worker pool that only reads the same shards and decodes RGB + depth
+  with the loader's own decoders (``decode.decode_rgb`` / ``decode.decode_depth``: OpenCV,
+  the fastest here), nothing else.
 
 Data: a synthetic CapS-style folder (GBK CSV) written by jsm_dist.data.synth, packed with
 ``jsm-pack caps``. The word-vector file holds the caption vocabulary padded to

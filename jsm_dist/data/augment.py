@@ -98,51 +98,79 @@ def warp(
     image_hw: tuple[int, int],
     out_hw: tuple[int, int],
     interpolation: int = cv2.INTER_LINEAR,
+    dst: np.ndarray | None = None,
+    copy: bool = True,
 ) -> np.ndarray:
     """Sample ``arr`` (any resolution covering the same scene as the image) on the output grid.
 
     Sources much larger than the output are first shrunk with area averaging (anti-aliasing);
     the map accounts for the actual source size, so the result is aligned either way.
+    Without rotation, a crop whose edges fall on whole pixels of ``arr`` is an exact slice
+    + resize (~3x faster than a general warp); a source *smaller* than the image whose
+    pixels the crop cuts (a low-resolution label) is first brought to image resolution
+    (centre-aligned, so still exactly aligned; a little smoother), where the crop is whole
+    pixels. ``dst`` (oh, ow[, c], the result's dtype) receives the result when given,
+    except that with ``copy=False`` an exact unflipped crop comes back as a view of ``arr``.
     """
     h, w = image_hw
     oh, ow = out_hw
     ah, aw = arr.shape[:2]
+    (a, b, c), (d, e, f) = out_to_img[0].tolist(), out_to_img[1].tolist()  # plain floats: fast
     # source pixels per output pixel; above 2, bilinear sampling would alias
-    step_x = (abs(out_to_img[0, 0]) + abs(out_to_img[0, 1])) * aw / w
-    step_y = (abs(out_to_img[1, 0]) + abs(out_to_img[1, 1])) * ah / h
-    shrink = min(step_x, step_y)
+    shrink = min((abs(a) + abs(b)) * aw / w, (abs(d) + abs(e)) * ah / h)
     if shrink > 2.0 and interpolation != cv2.INTER_NEAREST:
         size = (max(1, round(aw / shrink)), max(1, round(ah / shrink)))
         arr = cv2.resize(arr, size, interpolation=cv2.INTER_AREA)
         ah, aw = arr.shape[:2]
-    # image pixel -> this array's pixel (centres aligned)
-    to_arr = np.array(
-        [[aw / w, 0, 0.5 * aw / w - 0.5], [0, ah / h, 0.5 * ah / h - 0.5], [0, 0, 1.0]]
-    )
-    m = (to_arr @ out_to_img)[:2].astype(np.float64)
-    if abs(m[0, 1]) < 1e-12 and abs(m[1, 0]) < 1e-12:
-        # no rotation: a pixel-aligned crop + resize + flip is exact and ~4x faster than a warp
-        sx = _axis_interval(m[0, 0], m[0, 2], ow, aw)
-        sy = _axis_interval(m[1, 1], m[1, 2], oh, ah)
-        if sx is not None and sy is not None:
-            view = arr[sy[0] : sy[1], sx[0] : sx[1]]
+    # output pixel -> this array's pixel: (image pixel -> array pixel, centres aligned) o map
+    sx, sy = aw / w, ah / h
+    m = ((sx * a, sx * b, sx * c + 0.5 * sx - 0.5), (sy * d, sy * e, sy * f + 0.5 * sy - 0.5))
+    if abs(b) < 1e-12 and abs(d) < 1e-12:  # no rotation
+        ix = _axis_interval(m[0][0], m[0][2], ow, aw)
+        iy = _axis_interval(m[1][1], m[1][2], oh, ah)
+        if ix is not None and iy is not None:
+            view = arr[iy[0] : iy[1], ix[0] : ix[1]]
+            if view.shape[:2] == (oh, ow) and not copy and not (ix[2] or iy[2]):
+                return view
             if view.shape[:2] == (oh, ow):
-                out = view.copy()
+                if dst is None:
+                    out = view.copy()
+                else:
+                    np.copyto(dst, view, casting="unsafe")
+                    out = dst
             else:
-                out = cv2.resize(view, (ow, oh), interpolation=interpolation)
-            if sx[2]:
-                out = cv2.flip(out, 1)
-            if sy[2]:
-                out = cv2.flip(out, 0)
+                out = _put(dst, cv2.resize(view, (ow, oh), dst=dst, interpolation=interpolation))
+            if ix[2]:
+                cv2.flip(out, 1, out)
+            if iy[2]:
+                cv2.flip(out, 0, out)
             return out
-    return cv2.warpAffine(
+        if (
+            ah <= h
+            and aw <= w
+            and _axis_interval(a, c, ow, w) is not None
+            and _axis_interval(e, f, oh, h) is not None
+        ):  # whole image pixels, not whole pixels of this coarser array
+            up = cv2.resize(arr, (w, h), interpolation=interpolation)
+            return warp(up, out_to_img, image_hw, out_hw, interpolation, dst)
+    out = cv2.warpAffine(
         arr,
-        m,
+        np.array(m),
         (ow, oh),
+        dst=dst,
         flags=interpolation | cv2.WARP_INVERSE_MAP,
         borderMode=cv2.BORDER_CONSTANT,
         borderValue=0,
     )
+    return _put(dst, out)
+
+
+def _put(dst: np.ndarray | None, out: np.ndarray) -> np.ndarray:
+    """``out`` in ``dst`` (OpenCV writes in place when the shape and dtype fit; else copy)."""
+    if dst is None or out is dst:
+        return out
+    np.copyto(dst, out, casting="unsafe")
+    return dst
 
 
 def _axis_interval(scale: float, offset: float, n_out: int, n_src: int):
@@ -167,10 +195,15 @@ def snap_to_pixels(geom: Geometry, image_hw: tuple[int, int]) -> Geometry:
     return Geometry(geom.flip, (ix0 / w, iy0 / h, min(ix1, w) / w, min(iy1, h) / h), geom.angle_deg)
 
 
-_LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601-2, PIL's RGB -> L
+_LUMA_R, _LUMA_G, _LUMA_B = 0.299, 0.587, 0.114  # ITU-R 601-2, PIL's RGB -> L
 
 
-def color_jitter(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def color_jitter(
+    rgb: np.ndarray,
+    rng: np.random.Generator,
+    dst: np.ndarray | None = None,
+    scratch: dict | None = None,
+) -> np.ndarray:
     """uint8 (H, W, 3) -> jittered uint8 copy: PIL ImageEnhance semantics, two fast passes.
 
     Factors as in the reference loader: brightness b and contrast c in [0.5, 1.5], colour
@@ -181,19 +214,48 @@ def color_jitter(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     after every step: the result differs only where an intermediate step overflowed).
     Sharpness blends with PIL's SMOOTH kernel ([[1,1,1],[1,5,1],[1,1,1]] / 13), rewritten
     as ``(9 * box3x3 + 4 * x) / 13`` so that it is a box blur plus one weighted sum.
+    ``dst`` (may be ``rgb`` itself) receives the result; ``scratch`` keeps the two
+    intermediate images between calls.
     """
     b, c, s, k = rng.uniform(0.5, 1.5), rng.uniform(0.5, 1.5), rng.uniform(0, 2), rng.uniform(0, 3)
-    return jitter_with(rgb, b, c, s, k)
+    return jitter_with(rgb, b, c, s, k, dst, scratch)
 
 
-def jitter_with(rgb: np.ndarray, b: float, c: float, s: float, k: float) -> np.ndarray:
+def jitter_with(
+    rgb: np.ndarray,
+    b: float,
+    c: float,
+    s: float,
+    k: float,
+    dst: np.ndarray | None = None,
+    scratch: dict | None = None,
+) -> np.ndarray:
     """:func:`color_jitter` with given brightness, contrast, colour and sharpness factors."""
-    mean_grey = b * float(np.dot(cv2.mean(rgb[4::8])[:3], _LUMA))  # every 8th row: unbiased
-    sat = s * np.eye(3) + (1.0 - s) * np.outer(np.ones(3), _LUMA)
-    m = np.concatenate([c * b * sat, np.full((3, 1), (1.0 - c) * mean_grey)], axis=1)
-    x = cv2.transform(rgb, m.astype(np.float32))
-    box = cv2.blur(x, (3, 3), borderType=cv2.BORDER_REPLICATE)
-    return cv2.addWeighted(x, k + (1.0 - k) * 4.0 / 13.0, box, (1.0 - k) * 9.0 / 13.0, 0.0)
+    r, g, bl = cv2.mean(rgb[4::16])[:3]  # every 16th row: an unbiased mean, 16x cheaper
+    mean_grey = b * (_LUMA_R * r + _LUMA_G * g + _LUMA_B * bl)
+    # c*b * (s * I + (1 - s) * 1 luma^T) | (1 - c) * mean_grey, built from plain floats
+    cb, grey_w, offset = c * b, c * b * (1.0 - s), (1.0 - c) * mean_grey
+    luma = (_LUMA_R * grey_w, _LUMA_G * grey_w, _LUMA_B * grey_w)
+    m = np.array(
+        [[luma[j] + (cb * s if i == j else 0.0) for j in range(3)] + [offset] for i in range(3)],
+        np.float32,
+    )
+    x = cv2.transform(rgb, m, dst=_buffer(scratch, "jitter", rgb.shape))
+    box = cv2.blur(
+        x, (3, 3), dst=_buffer(scratch, "box", rgb.shape), borderType=cv2.BORDER_REPLICATE
+    )
+    out = cv2.addWeighted(x, k + (1.0 - k) * 4.0 / 13.0, box, (1.0 - k) * 9.0 / 13.0, 0.0, dst=dst)
+    return _put(dst, out)
+
+
+def _buffer(scratch: dict | None, name: str, shape: tuple[int, ...]) -> np.ndarray | None:
+    """A reusable uint8 array (None without a scratch dict: OpenCV then allocates)."""
+    if scratch is None:
+        return None
+    buf = scratch.get(name)
+    if buf is None or buf.shape != shape:
+        buf = scratch[name] = np.empty(shape, np.uint8)
+    return buf
 
 
 def apply(
@@ -205,10 +267,11 @@ def apply(
 ) -> dict:
     """Warp a decoded sample's arrays to ``out_hw`` with ``geom`` (+ optional RGB jitter).
 
-    Input keys (numpy): ``rgb`` uint8 (H,W,3); ``depth`` float32 (H,W) in [0,1]; optional
-    ``label`` (uint8 or float, any resolution) and ``gt`` (uint8 0..255, any resolution).
-    Output (cheap to batch; the collate makes floats): ``rgb`` uint8 (oh,ow,3); ``depth`` float32 (oh,ow); ``label`` (oh,ow) in its input dtype; ``gt`` uint8
-    (oh,ow) in {0, 1} (binarised at half). Other keys pass through.
+    Input keys (numpy): ``rgb`` uint8 (H,W,3); ``depth`` (H,W), float32 in [0,1] or uint16
+    (the same x 65535, what the loader decodes); optional ``label`` (uint8 or float, any
+    resolution) and ``gt`` (uint8 0..255, any resolution). Output (cheap to batch):
+    ``rgb`` uint8 (oh,ow,3); ``depth`` and ``label`` (oh,ow) in their input dtypes; ``gt``
+    uint8 (oh,ow) in {0, 1} (binarised at half). Other keys pass through.
     """
     image_hw = sample["rgb"].shape[:2]
     m = output_to_image(snap_to_pixels(geom, image_hw), image_hw, out_hw)
@@ -217,12 +280,62 @@ def apply(
     if jitter:
         if rng is None:
             raise ValueError("color jitter needs an rng")
-        rgb = color_jitter(rgb, rng)
+        rgb = color_jitter(rgb, rng, dst=rgb)
     out["rgb"] = rgb
     out["depth"] = warp(sample["depth"], m, image_hw, out_hw)
     if sample.get("label") is not None:
         out["label"] = warp(sample["label"], m, image_hw, out_hw)
     if sample.get("gt") is not None:
         g = warp(sample["gt"], m, image_hw, out_hw)
-        out["gt"] = (g >= 128).astype(np.uint8)
+        out["gt"] = cv2.threshold(g, 127, 1, cv2.THRESH_BINARY, dst=g)[1]  # (g >= 128) as 0/1
     return out
+
+
+def apply_into(
+    sample: dict,
+    out: dict[str, np.ndarray],
+    geom: Geometry = IDENTITY,
+    rng: np.random.Generator | None = None,
+    jitter: bool = False,
+    scratch: dict | None = None,
+) -> None:
+    """:func:`apply`, written straight into one sample's rows of a compact batch.
+
+    ``out``: ``rgb`` uint8 (3, oh, ow) (channel planes), ``depth`` uint16 (oh, ow) =
+    round(depth * 65535), ``label`` uint8 (oh, ow) (float labels x 255, rounded), ``gt``
+    uint8 (oh, ow) in {0, 1}; label / gt are zeros when the sample has none. The same
+    random draws and the same values as :func:`apply` followed by ``batching.collate``,
+    without the intermediate arrays (``scratch`` keeps reusable buffers between calls).
+    """
+    if jitter and rng is None:
+        raise ValueError("color jitter needs an rng")
+    out_hw = out["depth"].shape
+    oh, ow = out_hw
+    image_hw = sample["rgb"].shape[:2]
+    m = output_to_image(snap_to_pixels(geom, image_hw), image_hw, out_hw)
+    # (without jitter an exact crop is split straight from the decoded image)
+    rgb_buf = _buffer(scratch, "rgb", (oh, ow, 3))
+    rgb = warp(sample["rgb"], m, image_hw, out_hw, dst=rgb_buf, copy=jitter)
+    if jitter:
+        rgb = color_jitter(rgb, rng, dst=rgb, scratch=scratch)
+    cv2.split(rgb, [out["rgb"][0], out["rgb"][1], out["rgb"][2]])  # HWC -> CHW planes
+    depth = sample["depth"]
+    if depth.dtype == np.uint16:
+        warp(depth, m, image_hw, out_hw, dst=out["depth"])
+    else:
+        d = warp(depth, m, image_hw, out_hw)
+        np.add(d * np.float32(65535.0), 0.5, out=out["depth"], casting="unsafe")
+    label = sample.get("label")
+    if label is None:
+        out["label"].fill(0)
+    elif label.dtype == np.uint8:
+        warp(label, m, image_hw, out_hw, dst=out["label"])
+    else:  # float label in [0, 1]
+        lab = warp(label, m, image_hw, out_hw)
+        np.add(lab * np.float32(255.0), 0.5, out=out["label"], casting="unsafe")
+    gt = sample.get("gt")
+    if gt is None:
+        out["gt"].fill(0)
+    else:
+        g = warp(gt, m, image_hw, out_hw, dst=_buffer(scratch, "gt", out_hw))
+        cv2.threshold(g, 127, 1, cv2.THRESH_BINARY, dst=out["gt"])  # (g >= 128) as 0/1

@@ -363,6 +363,8 @@ def finalize_corpus(
             writer.write(i, list(range(part["count"])), labels, None)
     writer.close()
     store.commit(0, world=single)
+    # training runs seed their own stores from generation 0: retention must never prune it
+    store.pin(0)
     corpus.save()
     return corpus
 

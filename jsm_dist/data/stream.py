@@ -9,15 +9,17 @@ Pipeline of one loader worker (open_clip style: each boundary says what flows th
     shuffle buffer (train only, seeded by epoch and pass)       (wds.shuffle)
       -> the same raw samples, in buffer order (drained at the end of each pass)
     decode + label lookup (corrupt samples skipped and counted) (decode.SampleDecoder)
-      -> numpy {"rgb" u8 HxWx3, "depth" f32 [0,1] near=1, "label" u8 (store size), "gt"?, ids, text}
-    joint augmentation + resize to train_size                   (augment.apply)
-      -> numpy sample at (train_size, train_size)
-    passes chained (eval: one; train: endless), then grouping   (_samples, wds.batched)
-      -> lists of batch_size samples
-    compact collation into this worker's next shared-memory slot  (batching.collate)
+      -> numpy {"rgb" u8 HxWx3, "depth" u16 = [0,1] near=1 x 65535, "label" u8 (store size),
+                "gt"?, ids, text}
+    passes chained (eval: one; train: endless)                  (_samples)
+    joint augmentation + resize to train_size of each sample, straight into its row of
+    a free shared-memory slot of this worker (batch_size rows)   (augment.apply_into)
       -> {"_slot", "_stats" (this worker's counters), ids, text}    (images in the slot)
+      (train: this worker's share of the epoch's batches, then it stops)
   main process (StreamLoader):
-    slot -> float32 batch dict (schema keys), slot freed        (batching.expand_batch)
+    slot -> batch dict (schema keys) of owned tensors, slot freed (batching.expand_batch)
+      evaluation: float32 images; training: integer images when ``float_on_device``
+      (the training step calls ``batching.to_float(batch, device)``), else float32
 
 Splitting. Training: every epoch the shard list is shuffled with a seed from (seed, epoch),
 identical on every rank, and dealt to ranks by a greedy balance on sample counts (for
@@ -29,10 +31,13 @@ and writes), in order, each sample once, the last batch of each worker possibly 
 Equal batch count per rank (no DDP hang at epoch end, whatever the shard sizes): a training
 worker repeats its shards endlessly (a new shard order each pass) and the loader stops
 after ``n_batches = max(1, num_samples // (world_size * batch_size))`` batches, the same
-number on every rank. The shuffle buffer is drained at the end of every pass, so a worker
-delivers each of its samples once before it repeats any: an epoch is one pass over the
-corpus, except that a rank whose shards hold fewer samples than its share repeats a few
-and one with more leaves a few out (the per-epoch reshuffle and rebalance change which).
+number on every rank. Batch k comes from worker ``k % num_workers`` (the DataLoader's
+round-robin order), so each worker makes exactly its share and stops: nothing is decoded
+only to be thrown away at the end of the epoch. The shuffle buffer is drained at the end of
+every pass, so a worker delivers each of its samples once before it repeats any: an epoch
+is one pass over the corpus, except that a rank whose shards hold fewer samples than its
+share repeats a few and one with more leaves a few out (the per-epoch reshuffle and
+rebalance change which).
 
 Corrupt data (a truncated tar, an undecodable member, a missing member): skipped with a
 warning; every worker counts them and sends its counters with each batch (and with an
@@ -45,7 +50,9 @@ rank's shards (clamped with a warning), started with ``start_method``. With ``fo
 default, fast) the loader first sets OpenCV to one thread in this process: forking while
 OpenCV's pool has live threads left workers deadlocked in OpenCV (observed here).
 ``forkserver``/``spawn`` need the usual ``if __name__ == "__main__"`` guard in scripts.
-Batches come back through pre-allocated shared-memory slots (see batching.py).
+Batches come back through pre-allocated shared-memory slots (see batching.py). Workers keep
+freed memory for reuse (``batching.keep_freed_memory``) and decode, augment and write one
+sample at a time, so its images are still in cache when they are warped.
 """
 
 from __future__ import annotations
@@ -67,13 +74,20 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from jsm_dist import dist, schema
 from jsm_dist.data import augment, decode
-from jsm_dist.data.batching import SharedBatchRing, collate, expand_batch
+from jsm_dist.data.batching import (
+    SharedBatchRing,
+    WorkerStats,
+    describe,
+    empty_images,
+    expand_batch,
+    keep_freed_memory,
+    rows,
+)
 from jsm_dist.data.corpus import Corpus
 
 log = logging.getLogger(__name__)
 
 START_METHODS = ("fork", "forkserver", "spawn")
-MAX_WARNINGS_PER_WORKER = 20  # detailed warnings per worker; later ones are only counted
 
 
 @dataclass
@@ -94,6 +108,11 @@ class DataConfig:
     prefetch_factor: int = 2  # batches prefetched per worker
     pin_memory: bool = False  # pin batch memory (CUDA training)
     start_method: str = "fork"  # worker processes: fork (fast start) | forkserver | spawn
+    # training batches keep integer images (rgb/label/gt uint8, depth uint16); the training
+    # step converts them with batching.to_float(batch, device) after the move (free on a
+    # GPU, and off the loader's cores). False: float32 from the loader. Evaluation loaders
+    # always hand out float32.
+    float_on_device: bool = True
 
     def __post_init__(self) -> None:
         checks = [
@@ -142,50 +161,6 @@ def balanced_split(
     return groups
 
 
-# ---- per-worker counters --------------------------------------------------------------
-class _WorkerStats:
-    """Counters of one worker process; travel to the main process inside each batch."""
-
-    def __init__(self, worker: int) -> None:
-        self.worker = worker
-        self.skipped = 0  # samples dropped as corrupt
-        self.shard_errors = 0  # tar-level errors (rest of that shard lost)
-        self.reasons: Counter = Counter()
-        self.delivered: Counter = Counter()  # shard -> samples decoded
-        self.warned = 0
-
-    def _warn(self, msg: str) -> None:
-        self.warned += 1
-        if self.warned <= MAX_WARNINGS_PER_WORKER:
-            log.warning("skipping corrupt data (worker %d): %s", self.worker, msg)
-        elif self.warned == MAX_WARNINGS_PER_WORKER + 1:
-            log.warning("worker %d: further corrupt samples are only counted", self.worker)
-
-    def tar_error(self, exc: Exception) -> bool:
-        """wds handler for tar-level failures: count, warn, go on with the next shard."""
-        self.shard_errors += 1
-        self.reasons["unreadable tar"] += 1
-        self._warn(f"tar read error: {type(exc).__name__}: {str(exc)[:300]}")
-        return True
-
-    def decode_error(self, exc: Exception) -> bool:
-        """wds handler for the decode stage: count the sample as skipped and go on."""
-        self.skipped += 1
-        reason = exc.reason if isinstance(exc, decode.CorruptMember) else type(exc).__name__
-        self.reasons[reason] += 1
-        self._warn(str(exc)[:400])
-        return True
-
-    def snapshot(self) -> dict:
-        return {
-            "worker": self.worker,
-            "skipped": self.skipped,
-            "shard_errors": self.shard_errors,
-            "reasons": dict(self.reasons),
-            "delivered": dict(self.delivered),
-        }
-
-
 # ---- the per-worker pipeline --------------------------------------------------------
 class _ShardStream(IterableDataset):
     """The per-worker pipeline (see the module docstring); yields batch dicts."""
@@ -201,14 +176,16 @@ class _ShardStream(IterableDataset):
         rank: int,
         epoch: int,
         store,
+        n_batches: int | None = None,
     ) -> None:
         super().__init__()
         self.corpus, self.cfg, self.worker_shards = corpus, cfg, worker_shards
         self.train, self.seed, self.rank, self.epoch, self.store = train, seed, rank, epoch, store
+        self.n_batches = n_batches  # train: batches of the epoch, over all workers
         self.ring: SharedBatchRing | None = None  # set by StreamLoader when it has workers
 
-    def _one_pass(self, shards: list[int], worker: int, pass_idx: int, stats: _WorkerStats):
-        """Samples of one pass over this worker's shards (decoded, augmented, at train size)."""
+    def _one_pass(self, shards: list[int], worker: int, pass_idx: int, stats: WorkerStats):
+        """Decoded samples of one pass over this worker's shards (not yet augmented)."""
         cfg = self.cfg
         base = dist.derive_seed(self.seed, self.rank, worker, self.epoch)
         order = list(shards)
@@ -231,11 +208,9 @@ class _ShardStream(IterableDataset):
             else None,
             # raw -> decoded numpy samples + label from the store; corrupt ones counted, skipped
             wds.map(self._decoder, handler=stats.decode_error),
-            # decoded -> augmented (train) and resized to train_size
-            wds.map(self._transform),
         )
 
-    def _samples(self, shards: list[int], worker: int, stats: _WorkerStats):
+    def _samples(self, shards: list[int], worker: int, stats: WorkerStats):
         """Eval: one pass. Train: endless passes, each in a new shard and buffer order."""
         for pass_idx in itertools.count():
             n = 0
@@ -251,44 +226,82 @@ class _ShardStream(IterableDataset):
         info = get_worker_info()
         worker = info.id if info is not None else 0
         shards = self.worker_shards[worker]
-        stats = _WorkerStats(worker)
+        stats = WorkerStats(worker, log)
         cfg = self.cfg
         if self.store is not None:
             self.store.refresh()
         url_to_shard = {p: i for i, p in enumerate(self.corpus.shard_paths)}
-        self._decoder = decode.SampleDecoder(self.corpus, self.store, url_to_shard)
+        decoder = decode.SampleDecoder(self.corpus, self.store, url_to_shard)
+
+        def decode_one(raw: dict) -> dict:
+            sample = decoder(raw)
+            stats.delivered[sample[schema.SHARD]] += 1
+            return sample
+
+        self._decoder = decode_one
         base = dist.derive_seed(self.seed, self.rank, worker, self.epoch)
         aug_rng = np.random.default_rng(dist.derive_seed(base, 1))
         aug_cfg = cfg.augment_config()
         augmenting = self.train and cfg.augment
+        jitter = augmenting and cfg.color_jitter
         out_hw = (cfg.train_size, cfg.train_size)
+        scratch: dict = {}  # this worker's reusable intermediate images
 
-        def transform(sample: dict) -> dict:
-            stats.delivered[sample[schema.SHARD]] += 1
+        def fill(sample: dict, rows: dict) -> None:
+            """Joint augmentation (train) + resize to train size, into the batch's rows."""
             geom = augment.sample_geometry(aug_rng, aug_cfg) if augmenting else augment.IDENTITY
-            return augment.apply(sample, out_hw, geom, aug_rng, augmenting and cfg.color_jitter)
+            augment.apply_into(sample, rows, geom, aug_rng, jitter, scratch)
 
-        self._transform = transform
         ring = self.ring if info is not None else None
-        # samples (across passes) -> lists of samples; a training batch may span two passes
-        groups = wds.batched(cfg.batch_size, collation_fn=None, partial=not self.train)
-        for i, group in enumerate(groups(self._samples(shards, worker, stats))):
-            # -> compact batch dict (images in this worker's next shared slot when there is one)
-            if ring is not None:
-                slot = i % ring.slots
-                ring.acquire(worker)
-                batch = collate(group, ring.views(worker, slot))
+        samples = self._samples(shards, worker, stats)  # across passes (train: endless)
+        quota = None  # eval: until the samples run out (the last batch may be partial)
+        if self.train:  # this worker's share: the DataLoader takes batch k from worker k % n
+            n_workers = info.num_workers if info is not None else 1
+            quota = len(range(worker, self.n_batches, n_workers))
+        n_batches = 0
+        while quota is None or n_batches < quota:
+            # a free shared slot of this worker if it has one; else the DataLoader's own
+            # transfer (the consumer is holding on to earlier batches)
+            slot = ring.take(worker) if ring is not None else None
+            if slot is not None:
+                images = ring.views(worker, slot)
+            else:
+                images = empty_images(cfg.batch_size, *out_hw)
+                stats.unslotted += ring is not None
+            # each sample is augmented into its row right after decoding (still in cache);
+            # only its ids and text are kept. A training batch may span two passes.
+            metas = []
+            for sample in itertools.islice(samples, cfg.batch_size):
+                fill(sample, rows(images, len(metas)))
+                meta = {k: sample[k] for k in _META_KEYS}
+                meta["gt"] = True if sample.get("gt") is not None else None  # for has_gt
+                metas.append(meta)
+            if not metas:  # eval: no sample left
+                if slot is not None:
+                    ring.give_back(worker, slot)
+                break
+            batch = describe(metas)
+            if slot is not None:
                 batch["_slot"] = slot
             else:
-                batch = collate(group)
+                batch.update({k: torch.from_numpy(v[: len(metas)]) for k, v in images.items()})
             batch["_stats"] = stats.snapshot()
+            n_batches += 1
             yield batch
         yield {"_stats": stats.snapshot(), "_end": True}
+
+
+_META_KEYS = (*schema.INT_KEYS, *schema.STR_KEYS)
+
+
+def _as_is(batch: dict) -> dict:
+    return batch
 
 
 def _worker_init(start_method: str, _: int) -> None:
     if start_method != "fork":  # a fresh interpreter: safe to configure OpenCV's pool
         cv2.setNumThreads(1)  # one process per core already; OpenCV threads would oversubscribe
+    keep_freed_memory()
 
 
 class StreamLoader:
@@ -312,7 +325,10 @@ class StreamLoader:
 
     def __iter__(self):
         cfg = self.dataset.cfg
-        kwargs = {"batch_size": None, "num_workers": self.num_workers}
+        to_float32 = not (self.dataset.train and cfg.float_on_device)
+        # collate_fn: batches are already what the main process needs (the default walks
+        # every list of every batch, converting nothing)
+        kwargs = {"batch_size": None, "num_workers": self.num_workers, "collate_fn": _as_is}
         pin = cfg.pin_memory and torch.cuda.is_available()
         if self.num_workers > 0:
             if cfg.start_method == "fork":
@@ -326,9 +342,9 @@ class StreamLoader:
                 multiprocessing_context=cfg.start_method,
             )
             ctx = multiprocessing.get_context(cfg.start_method)
-            ring = SharedBatchRing(
-                ctx, self.num_workers, cfg.prefetch_factor + 1, cfg.batch_size, cfg.train_size
-            )
+            # prefetched batches + the one the consumer holds while it asks for the next
+            slots = cfg.prefetch_factor + 2
+            ring = SharedBatchRing(ctx, self.num_workers, slots, cfg.batch_size, cfg.train_size)
         else:
             ring = None
         self.dataset.ring = ring
@@ -348,22 +364,23 @@ class StreamLoader:
                 batches += 1
                 n = len(item[schema.KEY])
                 samples += n
-                slot = item.pop("_slot", None)
+                slot, w = item.pop("_slot", None), snap["worker"]
                 if slot is None:
-                    batch = expand_batch(item, pin)
-                else:
-                    views = ring.views(snap["worker"], slot)
-                    batch = expand_batch(item, pin, {k: v[:n] for k, v in views.items()})
-                    ring.release(snap["worker"])  # converted: the worker may reuse the slot
+                    batch = expand_batch(item, pin, to_float32=to_float32)
+                elif to_float32 or pin:  # converted / copied out: the slot is free again
+                    views = {k: v[:n] for k, v in ring.views(w, slot).items()}
+                    batch = expand_batch(item, pin, views, to_float32)
+                    ring.give_back(w, slot)
+                else:  # integer batch: views of the slot, freed when the batch is dropped
+                    batch = expand_batch(
+                        item, source=ring.lend(w, slot, n), to_float32=False, copy=False
+                    )
                 if self.dataset.train and batches >= self.n_batches:
                     last = batch  # a caller taking exactly len() batches never resumes us:
                     break  # stop the workers now, not when this generator is collected
                 yield batch
         finally:
-            if ring is not None:  # unblock workers waiting for a slot, so they can exit
-                for w in range(self.num_workers):
-                    ring.release(w, ring.slots)
-            del it  # shuts the workers down
+            del it  # shuts the workers down (they never wait for a slot)
             self.dataset.ring = None
             self._finish(per_worker, batches, samples)
         if last is not None:
@@ -390,6 +407,8 @@ class StreamLoader:
             "shard_errors": sum(s["shard_errors"] for s in per_worker.values()),
             "reasons": dict(reasons),
             "missing": missing,
+            # batches that found every shared slot in use (the consumer kept earlier ones)
+            "unslotted": sum(s.get("unslotted", 0) for s in per_worker.values()),
         }
         if skipped or self.stats["shard_errors"] or missing:
             log.warning(
@@ -471,6 +490,7 @@ def make_train_loader(
         rank=world.rank,
         epoch=epoch,
         store=_open_store(corpus, cfg),
+        n_batches=n_batches,
     )
     return StreamLoader(
         ds,

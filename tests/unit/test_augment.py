@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
@@ -140,3 +141,66 @@ def test_sample_geometry_respects_switches():
 def test_augment_config_rejects_bad_values(kwargs, bad):
     with pytest.raises(ValueError, match=bad):
         A.AugmentConfig(**kwargs)
+
+
+def _rows(size: int = 40) -> dict:
+    return {
+        "rgb": np.zeros((3, size, size), np.uint8),
+        "depth": np.zeros((size, size), np.uint16),
+        "label": np.zeros((size, size), np.uint8),
+        "gt": np.zeros((size, size), np.uint8),
+    }
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("depth_u16", [False, True])
+def test_apply_into_writes_what_apply_then_collate_would(seed, depth_u16):
+    """The loader's path (straight into batch rows) = the public apply + batching.collate."""
+    from jsm_dist.data.batching import collate
+
+    s = {**_sample(), "shard": 0, "index": 0, "word": 0, "word_pos": 0, "key": "k", "caption": ""}
+    if depth_u16:
+        s["depth"] = (s["depth"] * 65535 + 0.5).astype(np.uint16)
+    cfg = A.AugmentConfig(crop=0.3, rotate_deg=20.0, rotate_prob=0.5)
+    geom = A.sample_geometry(np.random.default_rng(seed), cfg)
+    ref = collate([A.apply(s, (40, 40), geom, np.random.default_rng(seed), jitter=True)])
+    rows = _rows()
+    scratch: dict = {}
+    for _ in range(2):  # twice: the reused scratch buffers must not leak between calls
+        A.apply_into(s, rows, geom, np.random.default_rng(seed), True, scratch)
+        np.testing.assert_array_equal(rows["rgb"], ref["rgb"][0].numpy())
+        for key in ("depth", "label", "gt"):
+            np.testing.assert_array_equal(rows[key], ref[key][0, 0].numpy(), err_msg=key)
+    no_label = {k: v for k, v in s.items() if k not in ("label", "gt")}
+    A.apply_into(no_label, rows, geom, np.random.default_rng(seed), True, scratch)
+    assert not rows["label"].any() and not rows["gt"].any()
+
+
+def test_coarse_label_is_brought_to_image_resolution_and_stays_aligned():
+    """A crop that cuts label pixels: the label is upsampled to image resolution first; the
+    result matches a direct bilinear warp of the label (same geometry, a little smoother)."""
+    label = (_blob(30, 40, 0.55, 0.45, sigma=0.15) * 255).astype(np.uint8)
+    geom = A.snap_to_pixels(A.Geometry(flip=True, box=(0.113, 0.061, 0.93, 0.87)), (60, 80))
+    m = A.output_to_image(geom, (60, 80), (48, 48))
+    got = A.warp(label, m, (60, 80), (48, 48)).astype(np.float64)
+    to_label = np.array([[0.5, 0, -0.25], [0, 0.5, -0.25], [0, 0, 1.0]])  # centres aligned
+    direct = cv2.warpAffine(
+        label.astype(np.float32),
+        (to_label @ m)[:2],
+        (48, 48),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_REPLICATE,
+    )
+    assert np.abs(got - direct).max() <= 6  # smooth label: two interpolations ~ one
+    assert np.abs(_centroid(got) - _centroid(direct)).max() < 0.1
+
+
+def test_jitter_into_a_destination_and_scratch_is_the_same():
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (24, 30, 3)).astype(np.uint8)
+    plain = A.jitter_with(rgb, 1.2, 0.7, 1.6, 2.5)
+    scratch: dict = {}
+    out = rgb.copy()
+    A.jitter_with(out, 1.2, 0.7, 1.6, 2.5, dst=out, scratch=scratch)  # in place
+    np.testing.assert_array_equal(out, plain)
+    assert set(scratch) == {"jitter", "box"}

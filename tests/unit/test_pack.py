@@ -73,6 +73,26 @@ def test_synth_pack_writes_shards_corpus_json_and_generation_0(tmp_path):
     np.testing.assert_array_equal(store.read(0, 0), expected)
 
 
+def test_generation_0_is_pinned_and_survives_pruning(tmp_path):
+    assert _pack_synth(tmp_path / "c", n=6) == 0
+    corpus = Corpus.load(tmp_path / "c")
+    store = LabelStore.open(corpus.label_dir)
+    assert 0 in store.pinned
+    gen0 = store.read_many([0, 1], [0, 1], generation=0)
+    single = WorldInfo()
+    for g in (1, 2):
+        w = store.writer(g, world=single)
+        for s, n in enumerate(corpus.shard_sizes):
+            w.write(s, list(range(n)), np.full((n, *corpus.label_size), 17 * g, np.uint8), None)
+        w.close()
+        store.commit(g, world=single)
+    assert store.prune(keep=1) == [1]  # generation 1 goes; 0 is pinned, 2 is current
+    store = LabelStore.open(corpus.label_dir)
+    assert store.generations == [0, 2] and store.generation == 2
+    np.testing.assert_array_equal(store.read_many([0, 1], [0, 1], generation=0), gen0)
+    assert (store.read(0, 0) == 34).all()
+
+
 def test_cli_pack_then_stream_every_sample_once_on_2_ranks_x_2_workers(tmp_path):
     assert _pack_synth(tmp_path / "c", "--samples-per-shard", "3", n=14, workers=2) == 0
     corpus = Corpus.load(tmp_path / "c")
@@ -365,3 +385,62 @@ def test_normalize_depth_conventions():
     np.testing.assert_allclose(decode.normalize_depth(raw, schema.NEAR_IS_LARGE), [[0, 0, 0.5, 1]])
     np.testing.assert_allclose(decode.normalize_depth(raw, schema.FAR_IS_LARGE), [[0, 1, 0.5, 0]])
     assert decode.normalize_depth(np.zeros((2, 2), np.uint8)).max() == 0
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+@pytest.mark.parametrize("convention", [schema.NEAR_IS_LARGE, schema.FAR_IS_LARGE])
+def test_normalize_depth_u16_is_the_float_normalisation_in_16_bits(dtype, convention):
+    rng = np.random.default_rng(7)
+    top = np.iinfo(dtype).max
+    for lo, hi in [(1, top), (3, 40), (top // 3, top // 2), (9, 10)]:
+        raw = rng.integers(lo, hi + 1, (23, 31)).astype(dtype)
+        raw[rng.random(raw.shape) < 0.15] = 0  # holes
+        got = decode.normalize_depth_u16(raw, convention)
+        slow = np.round(decode.normalize_depth(raw, convention).astype(np.float64) * 65535)
+        assert got.dtype == np.uint16 and got.shape == raw.shape
+        assert np.abs(got.astype(np.float64) - slow).max() <= 1.0
+        assert (got[raw == 0] == 0).all()
+    const = np.array([[0, 7, 7]], dtype)
+    assert decode.normalize_depth_u16(const, convention).tolist() == [[0, 32768, 32768]]
+    assert not decode.normalize_depth_u16(np.zeros((2, 3), dtype), convention).any()
+
+
+def _png(arr: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_opencv_decoding_equals_pil_and_keeps_its_checks():
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (21, 34, 3)).astype(np.uint8)
+    jpg = decode.encode_jpeg(rgb)
+    np.testing.assert_array_equal(decode.decode_rgb(jpg), np.asarray(Image.open(io.BytesIO(jpg))))
+    np.testing.assert_array_equal(decode.decode_rgb(decode.encode_png(rgb)), rgb)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90": neither PIL nor the packer's size checks apply it
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", exif=exif)
+    with Image.open(io.BytesIO(buf.getvalue())) as im:
+        np.testing.assert_array_equal(decode.decode_rgb(buf.getvalue()), np.asarray(im))
+    grey = decode.encode_jpeg(np.repeat(rgb[..., :1], 3, -1))
+    assert decode.decode_rgb(grey).shape == (21, 34, 3)
+    d16 = rng.integers(0, 65536, (21, 34)).astype(np.uint16)
+    out = decode.decode_depth(decode.encode_png(d16))
+    assert out.dtype == np.uint16 and np.array_equal(out, d16)  # 16 bits kept
+    d8 = rng.integers(0, 256, (21, 34)).astype(np.uint8)
+    assert decode.decode_depth(decode.encode_png(d8)).dtype == np.uint8
+    # an RGB-encoded depth map takes PIL's conversion to grey, as before
+    np.testing.assert_array_equal(
+        decode.decode_depth(_png(rgb)), np.asarray(Image.fromarray(rgb).convert("L"))
+    )
+    np.testing.assert_array_equal(decode.decode_gray(decode.encode_png(d8)), d8)
+    # corrupt data still raises: truncated JPEG (no EOI marker: PIL decodes it, strictly),
+    # truncated or garbled PNG
+    for bad, fn in [
+        (jpg[: len(jpg) // 2], decode.decode_rgb),
+        (decode.encode_png(d16)[:-30], decode.decode_depth),
+        (decode.encode_png(d8)[:40] + b"\x00garbage" * 20, decode.decode_gray),
+    ]:
+        with pytest.raises(Exception):  # noqa: B017 - PIL and OpenCV raise different types
+            fn(bad)

@@ -13,6 +13,7 @@ import torch
 from helpers import all_ids, label_value, make_raw_sample, make_tiny_corpus
 
 from jsm_dist.data import decode
+from jsm_dist.data.batching import to_float
 from jsm_dist.data.stream import DataConfig, balanced_split, make_eval_loader, make_train_loader
 from jsm_dist.dist import WorldInfo
 from jsm_dist.labels import LabelStore
@@ -122,6 +123,57 @@ def test_train_batches_reproducible_with_workers_and_stats_after_len_batches(tmp
     assert a.stats["batches"] == len(a) == 7  # summary done before the caller's last step
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_train_batches_are_integer_and_to_float_gives_the_float_batch(tmp_path, workers):
+    corpus = make_tiny_corpus(tmp_path, shard_sizes=[5, 4, 6])
+
+    def batches(**kw):
+        cfg = _cfg(num_workers=workers, **kw)
+        return list(make_train_loader(corpus, cfg, epoch=1, seed=4, world=WorldInfo()))
+
+    ints, floats = batches(), batches(float_on_device=False)
+    assert len(ints) == len(floats) == 5
+    for bi, bf in zip(ints, floats):
+        assert bi["rgb"].dtype == torch.uint8 and bi["depth"].dtype == torch.uint16
+        assert bi["label"].dtype == torch.uint8 and bi["gt"].dtype == torch.uint8
+        assert bi["rgb"].shape == bf["rgb"].shape == (3, 3, 32, 32)
+        assert all(bf[k].dtype == torch.float32 for k in ("rgb", "depth", "label", "gt"))
+        conv = to_float(bi, torch.device("cpu"))
+        for k in ("rgb", "depth", "label", "gt", "shard", "index", "word", "has_gt"):
+            assert torch.equal(conv[k], bf[k]), k
+        assert conv["key"] == bf["key"]
+        assert to_float(bf)["rgb"] is bf["rgb"]  # a float batch is only moved
+    # the converted values are the documented ones
+    b = ints[0]
+    f = to_float(b)
+    torch.testing.assert_close(f["rgb"], b["rgb"].float() / 255, rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        f["depth"], b["depth"].to(torch.int32).float() / 65535, rtol=0, atol=1e-7
+    )
+    assert set(f["gt"].unique().tolist()) <= {0.0, 1.0}
+
+
+def test_train_workers_decode_only_their_share_of_the_epoch(tmp_path, monkeypatch):
+    """No batch is prepared beyond len(loader): each worker stops after its share."""
+    corpus = make_tiny_corpus(tmp_path, shard_sizes=[9, 8, 9, 8])
+    log_file = tmp_path / "decoded.txt"
+    real = decode.SampleDecoder.__call__
+
+    def counting_decode(self, raw):
+        with open(log_file, "a") as f:  # forked workers inherit this patch
+            f.write(f"{raw['__key__']}\n")
+        return real(self, raw)
+
+    monkeypatch.setattr(decode.SampleDecoder, "__call__", counting_decode)
+    cfg = _cfg(num_workers=2, batch_size=3, prefetch_factor=2, shuffle_buffer=4)
+    loader = make_train_loader(corpus, cfg, epoch=0, seed=0, world=WorldInfo())
+    assert len(loader) == 11
+    it = iter(loader)  # the training loop takes exactly len() batches
+    got = [next(it) for _ in range(len(loader))]
+    assert sum(len(b["key"]) for b in got) == 33
+    assert len(log_file.read_text().splitlines()) == 33  # nothing decoded and thrown away
+
+
 def test_eval_rank_without_shards_gets_nothing(tmp_path):
     corpus = make_tiny_corpus(tmp_path, shard_sizes=[3, 2])
     loader = make_eval_loader(corpus, _cfg(num_workers=2), world=WorldInfo(2, 3))
@@ -132,6 +184,7 @@ def test_train_augmentation_keeps_label_on_the_object(tmp_path):
     corpus = make_tiny_corpus(tmp_path, shard_sizes=[8, 8], size=48, label_size=24, labels="gt")
     cfg = _cfg(train_size=40, crop=0.3, rotate_prob=1.0, rotate_deg=20.0)
     for b in make_train_loader(corpus, cfg, epoch=0, seed=3, world=WorldInfo()):
+        b = to_float(b)
         label, gt = b["label"][:, 0] > 0.5, b["gt"][:, 0] > 0.5
         inter = (label & gt).sum(dim=(1, 2)).float()
         union = (label | gt).sum(dim=(1, 2)).float().clamp(min=1)
@@ -292,3 +345,44 @@ def test_compact_batch_round_trip_with_and_without_a_shared_slot():
     )
     assert plain["has_gt"].tolist() == [True, True, False] and plain["gt"][2].sum() == 0
     assert plain["index"].tolist() == [0, 2, 4] and plain["key"] == ["k0", "k1", "k2"]
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_shared_ring_lends_a_slot_until_its_tensors_are_gone(method):
+    import gc
+    import multiprocessing
+
+    from jsm_dist.data.batching import SharedBatchRing, expand_batch
+
+    ring = SharedBatchRing(multiprocessing.get_context(method), 2, 2, 3, 8)
+    assert [ring.take(1), ring.take(1), ring.take(1)] == [0, 1, None]  # all busy: None
+    ring.views(1, 1)["depth"][:] = 7
+    meta = {"has_gt": [True, False], "word": [0, 1], "shard": [0, 0], "index": [1, 2]}
+    meta.update(word_pos=[0, 0], key=["a", "b"], caption=["", ""])
+    batch = expand_batch(dict(meta), source=ring.lend(1, 1, 2), to_float32=False, copy=False)
+    assert batch["depth"].shape == (2, 1, 8, 8) and (batch["depth"] == 7).all()
+    ring.give_back(1, 0)
+    assert ring.take(1) == 0 and ring.take(1) is None  # slot 1 is still lent
+    part = batch["depth"][1]  # a view of a view keeps the slot lent too
+    del batch
+    gc.collect()
+    assert ring.take(1) is None
+    del part
+    gc.collect()
+    assert ring.take(1) == 1 and ring.busy_slots() == 2  # worker 1: both slots; worker 0: none
+    assert ring.take(0) == 0
+
+
+def test_workers_fall_back_when_the_consumer_keeps_every_batch(tmp_path):
+    """A consumer that holds on to all batches (list(loader)) exhausts the shared slots:
+    later batches come the DataLoader's own way, and no held batch is ever overwritten."""
+    corpus = make_tiny_corpus(tmp_path, shard_sizes=[15, 15])
+    cfg = _cfg(num_workers=2, prefetch_factor=1)  # 3 slots per worker, 5 batches per worker
+    loader = make_train_loader(corpus, cfg, epoch=0, seed=1, world=WorldInfo())
+    held = list(loader)
+    assert len(held) == 10 and loader.stats["unslotted"] >= 4
+    ref_cfg = _cfg(num_workers=2, prefetch_factor=1, float_on_device=False)
+    ref = list(make_train_loader(corpus, ref_cfg, epoch=0, seed=1, world=WorldInfo()))
+    for b, r in zip(held, ref):
+        assert b["key"] == r["key"]
+        assert torch.equal(to_float(b)["rgb"], r["rgb"]) and torch.equal(to_float(b)["gt"], r["gt"])
