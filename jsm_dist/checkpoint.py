@@ -25,7 +25,6 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step-(\d{8})$")
@@ -95,8 +94,13 @@ class Checkpointer:
             _fsync_dir(self.root)
             for old in self.complete()[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
-            log.info("checkpoint %s (epoch %d, step %d, label gen %d)", final.name,
-                     state.epoch, state.global_step, state.label_generation)
+            log.info(
+                "checkpoint %s (epoch %d, step %d, label gen %d)",
+                final.name,
+                state.epoch,
+                state.global_step,
+                state.label_generation,
+            )
         accelerator.wait_for_everyone()
         return final
 
@@ -120,4 +124,3 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-

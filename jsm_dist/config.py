@@ -83,9 +83,7 @@ class TrainConfig:
             self.mixed_precision,
             MIXED_PRECISION,
         )
-        _check(
-            self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, ">= 1"
-        )
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, ">= 1")
         _check(
             self.keep_generations >= 2,
             "train.keep_generations",
@@ -162,9 +160,7 @@ def _coerce(key: str, raw: Any, typ: Any) -> Any:
                 raise ValueError
             return typ(raw)
         except (TypeError, ValueError):
-            raise ValueError(
-                f"invalid setting {key}={raw!r}: expected {typ.__name__}"
-            ) from None
+            raise ValueError(f"invalid setting {key}={raw!r}: expected {typ.__name__}") from None
     return raw
 
 
@@ -205,7 +201,9 @@ def _resolve_key(key: str, sections: dict[str, dict[str, Any]]) -> tuple[str, st
     raise ValueError(f"unknown setting {key!r}{hint}")
 
 
-def build_config(file_values: dict | None = None, overrides: dict[str, Any] | None = None) -> Config:
+def build_config(
+    file_values: dict | None = None, overrides: dict[str, Any] | None = None
+) -> Config:
     """Merge file values and ``key -> value`` overrides over the defaults; validate."""
     sec_types = _section_types()
     fields = {s: _field_types(t) for s, t in sec_types.items()}

@@ -62,7 +62,11 @@ def label_rows(records: list[dict]) -> list[dict]:
 
 
 def _q(q: dict) -> dict:
-    return {"Sm": q.get("Sm", math.nan), "maxF": q.get("maxF", math.nan), "MAE": q.get("MAE", math.nan)}
+    return {
+        "Sm": q.get("Sm", math.nan),
+        "maxF": q.get("maxF", math.nan),
+        "MAE": q.get("MAE", math.nan),
+    }
 
 
 def choose_generation(rows: list[dict]) -> dict:
@@ -77,8 +81,12 @@ def choose_generation(rows: list[dict]) -> dict:
     chosen = max(scored, key=lambda r: r["text conf"]) if scored else (refined or rows)[-1]
     with_sm = [r for r in rows if not math.isnan(r.get("Sm", math.nan))]
     best = max(with_sm, key=lambda r: r["Sm"]) if with_sm else chosen
-    return {"chosen": chosen["generation"], "gt_best": best["generation"],
-            "chosen_Sm": chosen.get("Sm", math.nan), "best_Sm": best.get("Sm", math.nan)}
+    return {
+        "chosen": chosen["generation"],
+        "gt_best": best["generation"],
+        "chosen_Sm": chosen.get("Sm", math.nan),
+        "best_Sm": best.get("Sm", math.nan),
+    }
 
 
 @torch.no_grad()
@@ -97,11 +105,15 @@ def predict_corpus(model, corpus, data_cfg, max_samples: int = 10_000):
         gts.append(_u8(batch[schema.GT]))
         init.append(_u8(batch[schema.LABEL]))
         for i in range(min(len(prob), 8 - len(grid))):
-            grid.append({"rgb": batch[schema.RGB][i].permute(1, 2, 0).numpy(),
-                         "depth": batch[schema.DEPTH][i, 0].numpy(),
-                         "CDCP (gen 0)": batch[schema.LABEL][i, 0].numpy(),
-                         "model (RGB only)": prob[i, 0].numpy(),
-                         "gt": batch[schema.GT][i, 0].numpy()})
+            grid.append(
+                {
+                    "rgb": batch[schema.RGB][i].permute(1, 2, 0).numpy(),
+                    "depth": batch[schema.DEPTH][i, 0].numpy(),
+                    "CDCP (gen 0)": batch[schema.LABEL][i, 0].numpy(),
+                    "model (RGB only)": prob[i, 0].numpy(),
+                    "gt": batch[schema.GT][i, 0].numpy(),
+                }
+            )
         n += len(prob)
         if n >= max_samples:
             break
@@ -132,10 +144,14 @@ def timing(records: list[dict]) -> dict:
     samples = sum(r.get("samples", 0) for r in steps)
     wait = sum(r.get("data_time", 0.0) for r in steps)
     total = train_s + refine_s
-    return {"train_s": train_s, "refine_s": refine_s, "steps": len(steps),
-            "samples_per_s": samples / train_s if train_s else math.nan,
-            "data_wait_frac": wait / train_s if train_s else math.nan,
-            "refine_share": refine_s / total if total else math.nan}
+    return {
+        "train_s": train_s,
+        "refine_s": refine_s,
+        "steps": len(steps),
+        "samples_per_s": samples / train_s if train_s else math.nan,
+        "data_wait_frac": wait / train_s if train_s else math.nan,
+        "refine_share": refine_s / total if total else math.nan,
+    }
 
 
 def build_report(run: Path, eval_corpus: str | None, out: Path) -> Path:
@@ -150,41 +166,80 @@ def build_report(run: Path, eval_corpus: str | None, out: Path) -> Path:
     cfg = build_config(json.loads(cfg_path.read_text())) if cfg_path.is_file() else None
     if cfg is not None:
         t = cfg.train
-        md += [f"Mode **{cfg.model.mode}**, encoder **{cfg.model.encoder}**, {t.epochs} epochs, "
-               f"refinement every {t.tau} epochs, CRF {'on' if cfg.model.crf else 'off'}, "
-               f"train size {cfg.data.train_size}, batch {cfg.data.batch_size} per rank.", ""]
+        md += [
+            (
+                f"Mode **{cfg.model.mode}**, encoder **{cfg.model.encoder}**, {t.epochs} epochs, "
+                f"refinement every {t.tau} epochs, CRF {'on' if cfg.model.crf else 'off'}, "
+                f"train size {cfg.data.train_size}, batch {cfg.data.batch_size} per rank."
+            ),
+            "",
+        ]
     tm = timing(records)
-    md += ["## Throughput", "",
-           _table(["train s", "refine s", "refine share", "samples/s", "data wait"],
-                  [[tm["train_s"], tm["refine_s"], tm["refine_share"], tm["samples_per_s"],
-                    tm["data_wait_frac"]]]), ""]
-    md += ["## Pseudo-label quality per generation (training split, vs GT)", "",
-           "Generation 0 = handcrafted CDCP labels. `fg` = mean fraction of pixels > 0.5 "
-           "(watch for shrinking labels: MAE alone rewards them). `w_g` = JSM weight of the "
-           "current label vs the depth-refined candidate; `text conf` = mean probability the "
-           "text network gives the salient word (the GT-free selection signal).", ""]
+    md += [
+        "## Throughput",
+        "",
+        _table(
+            ["train s", "refine s", "refine share", "samples/s", "data wait"],
+            [
+                [
+                    tm["train_s"],
+                    tm["refine_s"],
+                    tm["refine_share"],
+                    tm["samples_per_s"],
+                    tm["data_wait_frac"],
+                ]
+            ],
+        ),
+        "",
+    ]
+    md += [
+        "## Pseudo-label quality per generation (training split, vs GT)",
+        "",
+        (
+            "Generation 0 = handcrafted CDCP labels. `fg` = mean fraction of pixels > 0.5 "
+            "(watch for shrinking labels: MAE alone rewards them). `w_g` = JSM weight of the "
+            "current label vs the depth-refined candidate; `text conf` = mean probability the "
+            "text network gives the salient word (the GT-free selection signal)."
+        ),
+        "",
+    ]
     md.append(_table(LABEL_COLS, [[r.get(c, math.nan) for c in LABEL_COLS] for r in rows]))
     if rows:
         ch = choose_generation(rows)
         g0 = rows[0]
         refined = [r for r in rows if r["generation"] > 0]
         best = max(refined, key=lambda r: r["Sm"]) if refined else None
-        md += ["", f"- GT-free rule (highest text confidence) picks generation {ch['chosen']} "
-               f"(Sm {_fmt(ch['chosen_Sm'])}); the GT-best generation is {ch['gt_best']} "
-               f"(Sm {_fmt(ch['best_Sm'])})."]
+        md += [
+            "",
+            (
+                f"- GT-free rule (highest text confidence) picks generation {ch['chosen']} "
+                f"(Sm {_fmt(ch['chosen_Sm'])}); the GT-best generation is {ch['gt_best']} "
+                f"(Sm {_fmt(ch['best_Sm'])})."
+            ),
+        ]
         if best is not None:
             beats = best["Sm"] > g0["Sm"] and best["maxF"] > g0["maxF"]
-            md.append(f"- Best refined generation {best['generation']} vs initial labels: Sm "
-                      f"{_fmt(best['Sm'])} vs {_fmt(g0['Sm'])}, maxF {_fmt(best['maxF'])} vs "
-                      f"{_fmt(g0['maxF'])}: refined labels "
-                      f"{'beat' if beats else 'do NOT beat'} the initial ones on both.")
+            md.append(
+                f"- Best refined generation {best['generation']} vs initial labels: Sm "
+                f"{_fmt(best['Sm'])} vs {_fmt(g0['Sm'])}, maxF {_fmt(best['maxF'])} vs "
+                f"{_fmt(g0['maxF'])}: refined labels "
+                f"{'beat' if beats else 'do NOT beat'} the initial ones on both."
+            )
     summary = {"labels": rows, "timing": tm}
     imgs = sorted((run / "images").glob("*.png")) if (run / "images").is_dir() else []
     if imgs:
-        md += ["", "Label grids written at each refinement (rgb | depth | label | candidate | "
-               "refined | gt):", ""]
-        md += [f"![{p.stem}]({p.relative_to(out) if out in p.parents else p.resolve()})"
-               for p in imgs[-2:]]
+        md += [
+            "",
+            (
+                "Label grids written at each refinement (rgb | depth | label | candidate | "
+                "refined | gt):"
+            ),
+            "",
+        ]
+        md += [
+            f"![{p.stem}]({p.relative_to(out) if out in p.parents else p.resolve()})"
+            for p in imgs[-2:]
+        ]
     model_path = run / "model.pt"
     if eval_corpus and model_path.is_file():
         from jsm_dist.data.corpus import Corpus
@@ -197,15 +252,16 @@ def build_report(run: Path, eval_corpus: str | None, out: Path) -> Path:
         from jsm_dist.evaluate import evaluate_arrays
 
         name = corpus.name or "held-out"
-        results = {"JSM model (RGB only)": {name: evaluate_arrays(preds, gts)},
-                   "CDCP initial labels (RGB-D)": {name: evaluate_arrays(init, gts)}}
+        results = {
+            "JSM model (RGB only)": {name: evaluate_arrays(preds, gts)},
+            "CDCP initial labels (RGB-D)": {name: evaluate_arrays(init, gts)},
+        }
         rep = write_report(results, out / "heldout", f"Held-out split ({len(preds)} scenes)")
         from PIL import Image
 
         Image.fromarray(image_grid(grid)).save(out / "heldout_grid.png")
         md += ["", f"## Final model on the held-out split ({len(preds)} scenes, RGB only)", ""]
-        md.append(Path(rep["markdown"]).read_text().split("\n", 1)[1].replace(
-            "](", "](heldout/"))
+        md.append(Path(rep["markdown"]).read_text().split("\n", 1)[1].replace("](", "](heldout/"))
         md += ["", "![held-out predictions](heldout_grid.png)"]
         summary["heldout"] = {
             m: {k: float(v) for k, v in r[name].items() if isinstance(v, (int, float, np.number))}
@@ -219,7 +275,9 @@ def build_report(run: Path, eval_corpus: str | None, out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jsm_dist.runreport", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m jsm_dist.runreport", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--run", required=True, help="training run directory (holds metrics.jsonl)")
     p.add_argument("--corpus", default="", help="training corpus (informational)")
     p.add_argument("--eval-corpus", default="", help="held-out packed corpus with GT")

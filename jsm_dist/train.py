@@ -72,18 +72,24 @@ def prepare_label_store(cfg: Config, corpus, fresh: bool):
     src = LabelStore.open(corpus.label_dir)
     if cfg.train.label_store == "corpus":
         return corpus, src
-    root = Path(cfg.train.out_dir) / "labels" if cfg.train.label_store == "run" else Path(
-        cfg.train.label_store)
+    root = (
+        Path(cfg.train.out_dir) / "labels"
+        if cfg.train.label_store == "run"
+        else Path(cfg.train.label_store)
+    )
     view = dataclasses.replace(corpus, labels=str(root.resolve()))
     world = dist.world_info()
     if not fresh and (root / "manifest.json").is_file():
         return view, LabelStore.open(root)
     if not src.has_generation(cfg.train.init_generation):
-        raise ValueError(f"corpus label store {corpus.label_dir} has no generation "
-                         f"{cfg.train.init_generation} (train.init_generation)")
+        raise ValueError(
+            f"corpus label store {corpus.label_dir} has no generation "
+            f"{cfg.train.init_generation} (train.init_generation)"
+        )
     if world.is_main:
-        LabelStore.create(root, src.shard_sizes, src.label_size, keep=cfg.train.keep_generations,
-                          overwrite=True)
+        LabelStore.create(
+            root, src.shard_sizes, src.label_size, keep=cfg.train.keep_generations, overwrite=True
+        )
     dist.barrier()
     store = LabelStore.open(root)
     writer = store.writer(0)
@@ -99,8 +105,9 @@ def prepare_label_store(cfg: Config, corpus, fresh: bool):
 
 
 def build_optimizer(cfg: Config, model, steps_total: int):
-    opt = torch.optim.Adam(model.param_groups(cfg.train.lr), lr=cfg.train.lr,
-                           weight_decay=cfg.train.weight_decay)
+    opt = torch.optim.Adam(
+        model.param_groups(cfg.train.lr), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+    )
     warm = cfg.train.warmup_steps
 
     def factor(step: int) -> float:
@@ -140,7 +147,8 @@ def run(cfg: Config) -> TrainState:
     corpus, store = validate(cfg)
     out = Path(cfg.train.out_dir)
     accelerator = dist.make_accelerator(
-        force_cpu=cfg.train.cpu, mixed_precision=cfg.train.mixed_precision,
+        force_cpu=cfg.train.cpu,
+        mixed_precision=cfg.train.mixed_precision,
         grad_accum=cfg.train.grad_accum,
     )
     world = dist.world_info()
@@ -154,7 +162,9 @@ def run(cfg: Config) -> TrainState:
     if cfg.train.max_steps_per_epoch:
         per_epoch = min(per_epoch, cfg.train.max_steps_per_epoch)
     # accelerate steps a prepared scheduler once per process per step
-    optimizer, scheduler = build_optimizer(cfg, model, per_epoch * cfg.train.epochs * world.world_size)
+    optimizer, scheduler = build_optimizer(
+        cfg, model, per_epoch * cfg.train.epochs * world.world_size
+    )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     raw_model = accelerator.unwrap_model(model)
     config_json = __import__("json").dumps(cfg.to_dict(), indent=1)
@@ -165,28 +175,52 @@ def run(cfg: Config) -> TrainState:
     if resume_from is not None:
         state = Checkpointer.load(accelerator, resume_from)
         store = _align_store(store, state, accelerator)
-        log.info("resumed from %s: epoch %d, step %d, label gen %d", resume_from,
-                 state.epoch, state.step_in_epoch, state.label_generation)
+        log.info(
+            "resumed from %s: epoch %d, step %d, label gen %d",
+            resume_from,
+            state.epoch,
+            state.step_in_epoch,
+            state.label_generation,
+        )
     elif cfg.train.refine_before_training and state.refinements == 0:
         state.refine_pending = True
 
-    tele = Telemetry(out, enabled=accelerator.is_main_process, tensorboard=cfg.train.tensorboard,
-                     total_steps=per_epoch * cfg.train.epochs)
+    tele = Telemetry(
+        out,
+        enabled=accelerator.is_main_process,
+        tensorboard=cfg.train.tensorboard,
+        total_steps=per_epoch * cfg.train.epochs,
+    )
     device = accelerator.device
 
     def refine_now() -> None:
-        stats = refine_labels(raw_model, corpus, store, cfg.data, device=device,
-                              label_eval_max=cfg.train.label_eval_max,
-                              grid_samples=cfg.train.image_grid_samples)
+        stats = refine_labels(
+            raw_model,
+            corpus,
+            store,
+            cfg.data,
+            device=device,
+            label_eval_max=cfg.train.label_eval_max,
+            grid_samples=cfg.train.image_grid_samples,
+        )
         state.label_generation = stats.generation
         state.refinements += 1
         state.refine_pending = False
-        tele.log_event("refine", epoch=state.epoch, generation=stats.generation,
-                       seconds=stats.seconds, samples=stats.samples,
-                       mean_abs_change=stats.mean_abs_change, fg_old=stats.fg_fraction_old,
-                       fg_new=stats.fg_fraction_new, w_g_mean=stats.w_g_mean,
-                       w_g_std=stats.w_g_std, text_conf=stats.text_conf,
-                       quality_old=stats.quality_old, quality_new=stats.quality_new)
+        tele.log_event(
+            "refine",
+            epoch=state.epoch,
+            generation=stats.generation,
+            seconds=stats.seconds,
+            samples=stats.samples,
+            mean_abs_change=stats.mean_abs_change,
+            fg_old=stats.fg_fraction_old,
+            fg_new=stats.fg_fraction_new,
+            w_g_mean=stats.w_g_mean,
+            w_g_std=stats.w_g_std,
+            text_conf=stats.text_conf,
+            quality_old=stats.quality_old,
+            quality_new=stats.quality_new,
+        )
         if stats.grid:
             tele.log_images(f"labels/gen{stats.generation}", state.global_step, stats.grid)
         store.prune(keep=cfg.train.keep_generations) if accelerator.is_main_process else None
@@ -213,8 +247,14 @@ def run(cfg: Config) -> TrainState:
             state.global_step += 1
             dist.fault_point("step", state.global_step)  # crash tests: die after this step
             now = time.perf_counter()
-            tele.log_step(state.global_step, losses, samples=len(batch[schema.KEY]) * world.world_size,
-                          step_time=now - t_last, data_time=t_data - t_last, epoch=epoch)
+            tele.log_step(
+                state.global_step,
+                losses,
+                samples=len(batch[schema.KEY]) * world.world_size,
+                step_time=now - t_last,
+                data_time=t_data - t_last,
+                epoch=epoch,
+            )
             t_last = now
             if cfg.train.checkpoint_every and state.global_step % cfg.train.checkpoint_every == 0:
                 ckpt.save(accelerator, state, config_json)
@@ -226,8 +266,13 @@ def run(cfg: Config) -> TrainState:
 
     # every rank reports its step count: equal steps per rank is what keeps DDP from hanging
     steps = dist.all_gather_object(state.global_step)
-    tele.log_event("done", steps_per_rank=steps, label_generation=state.label_generation,
-                   refinements=state.refinements, **tele.summary())
+    tele.log_event(
+        "done",
+        steps_per_rank=steps,
+        label_generation=state.label_generation,
+        refinements=state.refinements,
+        **tele.summary(),
+    )
     if accelerator.is_main_process:
         save_model(out / "model.pt", raw_model)
     tele.close()
@@ -267,8 +312,11 @@ def _align_store(store, state: TrainState, accelerator):
     store.refresh()
     if store.generation != state.label_generation:
         if accelerator.is_main_process:
-            log.warning("label store at generation %d, checkpoint at %d: rolling back",
-                        store.generation, state.label_generation)
+            log.warning(
+                "label store at generation %d, checkpoint at %d: rolling back",
+                store.generation,
+                state.label_generation,
+            )
             store.rollback(state.label_generation)
         accelerator.wait_for_everyone()
         store.refresh()
@@ -281,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         print(help_text())
         return 0
     logging.basicConfig(
-        level=logging.INFO, format=f"%(asctime)s [rank {dist.world_info().rank}] %(name)s: %(message)s"
+        level=logging.INFO,
+        format=f"%(asctime)s [rank {dist.world_info().rank}] %(name)s: %(message)s",
     )
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per checkpoint file
     try:

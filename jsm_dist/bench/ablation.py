@@ -29,8 +29,16 @@ from pathlib import Path
 
 VARIANTS = {
     "weak": ["--model.mode", "weak"],
-    "weak-nopost": ["--model.mode", "weak", "--model.crf", "false", "--model.post_sigmoid",
-                    "false", "--model.post_minmax", "false"],
+    "weak-nopost": [
+        "--model.mode",
+        "weak",
+        "--model.crf",
+        "false",
+        "--model.post_sigmoid",
+        "false",
+        "--model.post_minmax",
+        "false",
+    ],
     "unsupervised": ["--model.mode", "unsupervised"],
     "none": ["--model.mode", "weak", "--tau", "0"],
 }
@@ -45,13 +53,17 @@ def _port() -> int:
 
 
 def _fmt(v) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else (
-        f"{v:.3f}" if isinstance(v, float) else str(v))
+    return (
+        "-"
+        if v is None or (isinstance(v, float) and math.isnan(v))
+        else (f"{v:.3f}" if isinstance(v, float) else str(v))
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jsm_dist.bench.ablation",
-                                description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m jsm_dist.bench.ablation", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--corpus", default="", help="corpus root packed with --holdout (train/, test/)")
     p.add_argument("--out", default="runs/ablation", help="output directory")
     p.add_argument("--samples", type=int, default=480, help="synthetic scenes when packing")
@@ -69,22 +81,67 @@ def main(argv: list[str] | None = None) -> int:
     if not (root / "train" / "corpus.json").is_file():
         from jsm_dist.data import pack
 
-        pack.main(["synth", "--out", str(root), "--num-samples", str(args.samples),
-                   "--image-size", str(args.size), "--holdout", "0.2", "--samples-per-shard",
-                   "64", "--overwrite", "--no-progress"])
+        pack.main(
+            [
+                "synth",
+                "--out",
+                str(root),
+                "--num-samples",
+                str(args.samples),
+                "--image-size",
+                str(args.size),
+                "--holdout",
+                "0.2",
+                "--samples-per-shard",
+                "64",
+                "--overwrite",
+                "--no-progress",
+            ]
+        )
     from jsm_dist import runreport
 
     table, models, notes = [], [], []
     for name in [v for v in args.variants.split(",") if v]:
         run = out / name
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-               "--num_processes", str(args.procs), "--num_machines", "1", "--mixed_precision",
-               "no", "--dynamo_backend", "no", "--main_process_port", str(_port()),
-               "-m", "jsm_dist.train", "--corpus", str(root / "train"), "--out_dir", str(run),
-               "--epochs", str(args.epochs), "--tau", str(args.tau), "--model.encoder",
-               args.encoder, "--data.train_size", str(args.size), "--data.batch_size", "8",
-               "--data.num_workers", "1", "--tensorboard", "false", "--lr", str(args.lr),
-               *VARIANTS[name]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(args.procs),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(_port()),
+            "-m",
+            "jsm_dist.train",
+            "--corpus",
+            str(root / "train"),
+            "--out_dir",
+            str(run),
+            "--epochs",
+            str(args.epochs),
+            "--tau",
+            str(args.tau),
+            "--model.encoder",
+            args.encoder,
+            "--data.train_size",
+            str(args.size),
+            "--data.batch_size",
+            "8",
+            "--data.num_workers",
+            "1",
+            "--tensorboard",
+            "false",
+            "--lr",
+            str(args.lr),
+            *VARIANTS[name],
+        ]
         t0 = time.perf_counter()
         env = dict(os.environ, ACCELERATE_USE_CPU="1")
         res = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -97,20 +154,46 @@ def main(argv: list[str] | None = None) -> int:
         summary = json.loads((run / "summary.json").read_text())
         rows = summary["labels"]
         for r in rows:
-            table.append([name, r["generation"], r["Sm"], r["maxF"], r["MAE"], r["fg"],
-                          r.get("w_g mean"), r.get("w_g std"), r.get("text conf")])
+            table.append(
+                [
+                    name,
+                    r["generation"],
+                    r["Sm"],
+                    r["maxF"],
+                    r["MAE"],
+                    r["fg"],
+                    r.get("w_g mean"),
+                    r.get("w_g std"),
+                    r.get("text conf"),
+                ]
+            )
         if rows:
             ch = runreport.choose_generation(rows)
-            notes.append(f"- {name}: GT-free rule picks gen {ch['chosen']} (Sm "
-                         f"{_fmt(ch['chosen_Sm'])}), GT-best gen {ch['gt_best']} (Sm "
-                         f"{_fmt(ch['best_Sm'])}); wall {wall:.0f} s")
+            notes.append(
+                f"- {name}: GT-free rule picks gen {ch['chosen']} (Sm "
+                f"{_fmt(ch['chosen_Sm'])}), GT-best gen {ch['gt_best']} (Sm "
+                f"{_fmt(ch['best_Sm'])}); wall {wall:.0f} s"
+            )
         held = summary.get("heldout", {}).get("JSM model (RGB only)", {})
         base = summary.get("heldout", {}).get("CDCP initial labels (RGB-D)", {})
-        models.append([name, held.get("Sm"), held.get("maxF"), held.get("MAE"),
-                       base.get("Sm"), base.get("maxF"), base.get("MAE")])
+        models.append(
+            [
+                name,
+                held.get("Sm"),
+                held.get("maxF"),
+                held.get("MAE"),
+                base.get("Sm"),
+                base.get("maxF"),
+                base.get("MAE"),
+            ]
+        )
     hdr = ["variant", "gen", "Sm", "maxF", "MAE", "fg", "w_g mean", "w_g std", "text conf"]
-    lines = ["## Label quality per generation (training split vs GT)", "",
-             "| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
+    lines = [
+        "## Label quality per generation (training split vs GT)",
+        "",
+        "| " + " | ".join(hdr) + " |",
+        "|" + "---|" * len(hdr),
+    ]
     lines += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in table]
     lines += ["", *notes, "", "## Final RGB-only model on the held-out split", ""]
     hdr2 = ["variant", "Sm", "maxF", "MAE", "CDCP Sm", "CDCP maxF", "CDCP MAE"]

@@ -33,9 +33,21 @@ def _port() -> int:
 
 def run_training(corpus: str, out: Path, procs: int, extra: list[str]) -> dict:
     env = dict(os.environ, ACCELERATE_USE_CPU="1", PYTHONUNBUFFERED="1")
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(procs),
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(_port())]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        str(procs),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_port()),
+    ]
     launch += ["--multi_gpu"] if procs > 1 else ["--cpu"]
     cmd = launch + ["-m", "jsm_dist.train", "--corpus", corpus, "--out_dir", str(out), *extra]
     t0 = time.perf_counter()
@@ -47,13 +59,19 @@ def run_training(corpus: str, out: Path, procs: int, extra: list[str]) -> dict:
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
     done = [r for r in recs if r.get("name") == "done"][-1]
     refine_s = sum(r.get("seconds", 0.0) for r in recs if r.get("name") == "refine")
-    return {"procs": procs, "samples_per_s": done["samples_per_s"], "wall_s": wall,
-            "refine_s": refine_s, "steps": done["steps_per_rank"][0]}
+    return {
+        "procs": procs,
+        "samples_per_s": done["samples_per_s"],
+        "wall_s": wall,
+        "refine_s": refine_s,
+        "steps": done["steps_per_rank"][0],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jsm_dist.bench.train_throughput",
-                                description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m jsm_dist.bench.train_throughput", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--corpus", default="", help="packed corpus (default: pack a synthetic one)")
     p.add_argument("--procs", type=int, default=2, help="processes of the distributed run")
     p.add_argument("--samples", type=int, default=192, help="synthetic scenes when packing")
@@ -67,21 +85,53 @@ def main(argv: list[str] | None = None) -> int:
         if not corpus:
             from jsm_dist.data import pack
 
-            pack.main(["synth", "--out", f"{tmp}/c", "--num-samples", str(args.samples),
-                       "--image-size", str(args.size), "--samples-per-shard", "32",
-                       "--no-progress"])
+            pack.main(
+                [
+                    "synth",
+                    "--out",
+                    f"{tmp}/c",
+                    "--num-samples",
+                    str(args.samples),
+                    "--image-size",
+                    str(args.size),
+                    "--samples-per-shard",
+                    "32",
+                    "--no-progress",
+                ]
+            )
             corpus = f"{tmp}/c"
-        extra = ["--epochs", str(args.epochs), "--tau", "1", "--model.encoder", args.encoder,
-                 "--data.train_size", str(args.size), "--data.batch_size", str(args.batch),
-                 "--data.num_workers", "1", "--tensorboard", "false", "--model.crf", "false"]
+        extra = [
+            "--epochs",
+            str(args.epochs),
+            "--tau",
+            "1",
+            "--model.encoder",
+            args.encoder,
+            "--data.train_size",
+            str(args.size),
+            "--data.batch_size",
+            str(args.batch),
+            "--data.num_workers",
+            "1",
+            "--tensorboard",
+            "false",
+            "--model.crf",
+            "false",
+        ]
         one = run_training(corpus, Path(tmp) / "p1", 1, extra)
         many = run_training(corpus, Path(tmp) / f"p{args.procs}", args.procs, extra)
-    print(f"{'processes':>10} {'samples/s':>10} {'steps/rank':>10} {'wall s':>8} {'refine share':>12}")
+    print(
+        f"{'processes':>10} {'samples/s':>10} {'steps/rank':>10} {'wall s':>8} {'refine share':>12}"
+    )
     for r in (one, many):
-        print(f"{r['procs']:>10} {r['samples_per_s']:>10.1f} {r['steps']:>10} {r['wall_s']:>8.1f} "
-              f"{r['refine_s'] / r['wall_s']:>12.1%}")
-    print(f"ratio samples/s {args.procs} vs 1 process: "
-          f"{many['samples_per_s'] / one['samples_per_s']:.2f}x (cores: {os.cpu_count()})")
+        print(
+            f"{r['procs']:>10} {r['samples_per_s']:>10.1f} {r['steps']:>10} {r['wall_s']:>8.1f} "
+            f"{r['refine_s'] / r['wall_s']:>12.1%}"
+        )
+    print(
+        f"ratio samples/s {args.procs} vs 1 process: "
+        f"{many['samples_per_s'] / one['samples_per_s']:.2f}x (cores: {os.cpu_count()})"
+    )
     return 0
 
 

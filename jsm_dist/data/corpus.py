@@ -94,7 +94,7 @@ class Corpus:
 
     # ---- io ----
     @classmethod
-    def load(cls, root: str | os.PathLike) -> "Corpus":
+    def load(cls, root: str | os.PathLike) -> Corpus:
         root = Path(root)
         path = root / "corpus.json"
         if not path.is_file():

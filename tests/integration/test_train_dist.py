@@ -15,18 +15,31 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import make_tiny_corpus
 
 from jsm_dist.labels import LabelStore
-from helpers import make_tiny_corpus
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 SHARDS = (9, 5, 7, 3)  # uneven: rank 0 owns 16 samples for refinement, rank 1 owns 8
 COMMON = [
-    "--model.encoder", "tiny", "--model.pretrained", "false", "--model.crf", "false",
-    "--data.train_size", "32", "--data.batch_size", "4", "--data.num_workers", "1",
-    "--tensorboard", "false", "--seed", "3",
+    "--model.encoder",
+    "tiny",
+    "--model.pretrained",
+    "false",
+    "--model.crf",
+    "false",
+    "--data.train_size",
+    "32",
+    "--data.batch_size",
+    "4",
+    "--data.num_workers",
+    "1",
+    "--tensorboard",
+    "false",
+    "--seed",
+    "3",
 ]
 
 
@@ -43,8 +56,17 @@ def launch(args: list[str], *, deepspeed: bool = False, fault: str = "", timeout
     env.pop("JSM_FAULT", None)
     if fault:
         env["JSM_FAULT"] = fault
-    acc = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
-           "--num_machines", "1", "--main_process_port", str(_port())]
+    acc = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(_port()),
+    ]
     if deepspeed:
         acc += ["--use_deepspeed", "--deepspeed_config_file", str(REPO / "ds_config.json")]
         env.pop("ACCELERATE_USE_CPU", None)
@@ -66,9 +88,7 @@ def losses_by_step(run: Path) -> dict[int, float]:
 
 def store_labels(run: Path) -> np.ndarray:
     store = LabelStore.open(run / "labels")
-    return np.stack(
-        [store.read(s, i) for s, n in enumerate(store.shard_sizes) for i in range(n)]
-    )
+    return np.stack([store.read(s, i) for s, n in enumerate(store.shard_sizes) for i in range(n)])
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +100,20 @@ def corpus(tmp_path_factory):
 def reference_run(corpus, tmp_path_factory):
     """Uninterrupted DDP run: 2 epochs, a refinement after each, checkpoints every 2 steps."""
     run = tmp_path_factory.mktemp("ref") / "run"
-    res = launch(["--corpus", str(corpus.root), "--out_dir", str(run), "--epochs", "2",
-                  "--tau", "1", "--checkpoint_every", "2"])
+    res = launch(
+        [
+            "--corpus",
+            str(corpus.root),
+            "--out_dir",
+            str(run),
+            "--epochs",
+            "2",
+            "--tau",
+            "1",
+            "--checkpoint_every",
+            "2",
+        ]
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return run
 
@@ -101,14 +133,22 @@ def test_ddp_equal_steps_and_one_commit_per_refinement(reference_run):
 
 def test_resume_after_kill_mid_epoch_matches_uninterrupted(corpus, reference_run, tmp_path):
     run = tmp_path / "run"
-    args = ["--corpus", str(corpus.root), "--out_dir", str(run), "--epochs", "2", "--tau", "1",
-            "--checkpoint_every", "2"]
+    args = [
+        "--corpus",
+        str(corpus.root),
+        "--out_dir",
+        str(run),
+        "--epochs",
+        "2",
+        "--tau",
+        "1",
+        "--checkpoint_every",
+        "2",
+    ]
     # step 5 is mid epoch 2 (3 steps per epoch); the newest checkpoint is then step 4
     res = launch(args, fault="step:5")
     assert res.returncode != 0, "the fault did not kill the run"
-    state = json.loads(
-        sorted((run / "checkpoints").glob("step-*/train_state.json"))[-1].read_text()
-    )
+    state = json.loads(max((run / "checkpoints").glob("step-*/train_state.json")).read_text())
     assert state["global_step"] == 4 and state["step_in_epoch"] == 1
     res = launch(args + ["--resume", "latest"])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -121,8 +161,18 @@ def test_resume_after_kill_mid_epoch_matches_uninterrupted(corpus, reference_run
 
 def test_kill_during_refinement_then_resume_loses_nothing(corpus, reference_run, tmp_path):
     run = tmp_path / "run"
-    args = ["--corpus", str(corpus.root), "--out_dir", str(run), "--epochs", "2", "--tau", "1",
-            "--checkpoint_every", "2"]
+    args = [
+        "--corpus",
+        str(corpus.root),
+        "--out_dir",
+        str(run),
+        "--epochs",
+        "2",
+        "--tau",
+        "1",
+        "--checkpoint_every",
+        "2",
+    ]
     res = launch(args, fault="refine_batch")  # dies after writing its first refined batch
     assert res.returncode != 0
     store = LabelStore.open(run / "labels")
@@ -141,7 +191,7 @@ def test_deepspeed_zero2_train_refine_and_resume(corpus, tmp_path):
     args = ["--corpus", str(corpus.root), "--out_dir", str(run), "--tau", "1"]
     res = launch(args + ["--epochs", "1"], deepspeed=True, timeout=400)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    ckpt = sorted((run / "checkpoints").glob("step-*"))[-1]
+    ckpt = max((run / "checkpoints").glob("step-*"))
     assert (ckpt / "pytorch_model").is_dir(), "not a DeepSpeed checkpoint"
     res = launch(args + ["--epochs", "2", "--resume", "latest"], deepspeed=True, timeout=400)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -157,7 +207,14 @@ def test_bad_settings_fail_before_work(corpus, tmp_path):
     cmd = [sys.executable, "-m", "jsm_dist.train", "--corpus", str(tmp_path / "nope")]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "no corpus.json" in res.stderr
-    cmd = [sys.executable, "-m", "jsm_dist.train", "--corpus", str(corpus.root),
-           "--data.batch_size", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jsm_dist.train",
+        "--corpus",
+        str(corpus.root),
+        "--data.batch_size",
+        "0",
+    ]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "batch_size" in res.stderr

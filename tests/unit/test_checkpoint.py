@@ -15,7 +15,7 @@ def _acc_model():
 
 
 def test_save_resume_restores_weights_and_state(tmp_path):
-    acc, model, opt = _acc_model()
+    acc, model, _opt = _acc_model()
     ck = Checkpointer(tmp_path, keep=2)
     state = TrainState(epoch=1, step_in_epoch=3, global_step=7, label_generation=2)
     path = ck.save(acc, state, json.dumps({"x": 1}))
