@@ -1,0 +1,39 @@
+import json
+import math
+
+from jsm_dist.runreport import choose_generation, label_rows, read_log, timing
+
+
+def _event(gen, s_old, s_new, conf, fg_new=0.1):
+    return {
+        "kind": "event", "name": "refine", "generation": gen, "seconds": 2.0,
+        "quality_old": {"Sm": s_old, "maxF": s_old - 0.1, "MAE": 0.1},
+        "quality_new": {"Sm": s_new, "maxF": s_new - 0.1, "MAE": 0.09},
+        "fg_old": 0.1, "fg_new": fg_new, "w_g_mean": 0.6, "w_g_std": 0.1,
+        "text_conf": conf, "mean_abs_change": 0.02,
+    }
+
+
+def test_label_rows_from_refine_events(tmp_path):
+    recs = [{"kind": "step", "step": 1, "loss": 1.0, "samples": 8, "step_time": 2.0,
+             "data_time": 0.5}, _event(1, 0.70, 0.74, 0.3), _event(2, 0.74, 0.72, 0.5)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+    rows = label_rows(read_log(tmp_path))
+    assert [r["generation"] for r in rows] == [0, 1, 2]
+    assert rows[0]["Sm"] == 0.70 and math.isnan(rows[0].get("text conf", math.nan))
+    assert rows[2]["Sm"] == 0.72 and rows[2]["text conf"] == 0.5
+    # the GT-free rule follows text confidence (gen 2) while GT prefers gen 1
+    ch = choose_generation(rows)
+    assert ch["chosen"] == 2 and ch["gt_best"] == 1
+    tm = timing(recs)
+    assert tm["samples_per_s"] == 4.0 and tm["data_wait_frac"] == 0.25
+    assert tm["refine_share"] == 4.0 / 6.0
+
+
+def test_missing_log_is_a_clear_error(tmp_path):
+    try:
+        read_log(tmp_path)
+    except FileNotFoundError as e:
+        assert "metrics.jsonl" in str(e)
+    else:
+        raise AssertionError("no error for a directory without metrics.jsonl")
