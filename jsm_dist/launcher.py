@@ -179,6 +179,36 @@ def build_env(cfg: LaunchConfig, base: Mapping[str, str] | None = None) -> dict[
     return env
 
 
+def free_port() -> int:
+    """A TCP port free on this host right now (for single-node rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_launch(
+    procs: int, train_args: Sequence[str], *, mode: str = "cpu", deepspeed_config_file: str = ""
+) -> tuple[list[str], dict[str, str]]:
+    """(argv, env) of a single-node ``accelerate launch -m jsm_dist.train`` on a free port.
+
+    Used by the benchmarks and the integration tests; ``accelerate`` runs through the
+    current interpreter so that no PATH lookup is needed.
+    """
+    cfg = LaunchConfig(
+        mode=mode,
+        procs_per_node=procs,
+        main_process_port=free_port(),
+        deepspeed_config_file=deepspeed_config_file or "ds_config.json",
+        train_args=tuple(train_args),
+    )
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *build_command(cfg)[2:]]
+    env = build_env(cfg)
+    if mode != "cpu":
+        env.pop("ACCELERATE_USE_CPU", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return cmd, env
+
+
 def env_forces_cpu(env: Mapping[str, str]) -> bool:
     """True when ACCELERATE_USE_CPU is set to a true value."""
     return env.get("ACCELERATE_USE_CPU", "").strip().lower() in _TRUE

@@ -20,12 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from jsm_dist.launcher import local_launch
 
 VARIANTS = {
     "weak": ["--model.mode", "weak"],
@@ -42,14 +42,6 @@ VARIANTS = {
     "unsupervised": ["--model.mode", "unsupervised"],
     "none": ["--model.mode", "weak", "--tau", "0"],
 }
-
-
-def _port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def _fmt(v) -> str:
@@ -103,48 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     table, models, notes = [], [], []
     for name in [v for v in args.variants.split(",") if v]:
         run = out / name
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(args.procs),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            str(_port()),
-            "-m",
-            "jsm_dist.train",
-            "--corpus",
-            str(root / "train"),
-            "--out_dir",
-            str(run),
-            "--epochs",
-            str(args.epochs),
-            "--tau",
-            str(args.tau),
-            "--model.encoder",
-            args.encoder,
-            "--data.train_size",
-            str(args.size),
-            "--data.batch_size",
-            "8",
-            "--data.num_workers",
-            "1",
-            "--tensorboard",
-            "false",
-            "--lr",
-            str(args.lr),
-            *VARIANTS[name],
-        ]
+        train_args = [
+            "--corpus", str(root / "train"), "--out_dir", str(run), "--epochs", str(args.epochs),
+            "--tau", str(args.tau), "--model.encoder", args.encoder, "--data.train_size",
+            str(args.size), "--data.batch_size", "8", "--data.num_workers", "1",
+            "--tensorboard", "false", "--lr", str(args.lr), *VARIANTS[name],
+        ]  # fmt: skip
+        cmd, env = local_launch(args.procs, train_args)
         t0 = time.perf_counter()
-        env = dict(os.environ, ACCELERATE_USE_CPU="1")
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         (out / f"{name}.log").write_text(res.stdout + res.stderr)
         if res.returncode != 0:
             print(f"{name}: training failed (exit {res.returncode}), see {out / name}.log")

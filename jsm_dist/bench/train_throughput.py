@@ -15,43 +15,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-
-def _port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
+from jsm_dist.launcher import local_launch
 
 
 def run_training(corpus: str, out: Path, procs: int, extra: list[str]) -> dict:
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", PYTHONUNBUFFERED="1")
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        str(procs),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_port()),
-    ]
-    launch += ["--multi_gpu"] if procs > 1 else ["--cpu"]
-    cmd = launch + ["-m", "jsm_dist.train", "--corpus", corpus, "--out_dir", str(out), *extra]
+    cmd, env = local_launch(procs, ["--corpus", corpus, "--out_dir", str(out), *extra], mode="cpu")
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
     if res.returncode != 0:
         sys.stderr.write(res.stderr[-4000:])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 from helpers import make_tiny_corpus
 
 from jsm_dist.labels import LabelStore
+from jsm_dist.launcher import local_launch
 
 pytestmark = pytest.mark.slow
 
@@ -43,38 +43,20 @@ COMMON = [
 ]
 
 
-def _port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def launch(args: list[str], *, deepspeed: bool = False, fault: str = "", timeout: int = 300):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    cmd, env = local_launch(
+        2,
+        [*COMMON, *args],
+        mode="deepspeed" if deepspeed else "cpu",
+        deepspeed_config_file=str(REPO / "ds_config.json"),
+    )
+    env["OMP_NUM_THREADS"] = "1"
     env.pop("JSM_FAULT", None)
     if fault:
         env["JSM_FAULT"] = fault
-    acc = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--main_process_port",
-        str(_port()),
-    ]
-    if deepspeed:
-        acc += ["--use_deepspeed", "--deepspeed_config_file", str(REPO / "ds_config.json")]
-        env.pop("ACCELERATE_USE_CPU", None)
-    else:
-        acc += ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
-        env["ACCELERATE_USE_CPU"] = "1"
-    cmd = acc + ["-m", "jsm_dist.train", *COMMON, *args]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 def records(run: Path) -> list[dict]:
