@@ -136,6 +136,31 @@ def _table(header, rows) -> str:
     return "\n".join(out)
 
 
+def plot_label_quality(rows: list[dict], path: Path) -> Path | None:
+    """Sm, max-F and foreground fraction of every label generation, one line each."""
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gens = [r["generation"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    for key, style in (("Sm", "o-"), ("maxF", "s-"), ("fg", "^--")):
+        ax.plot(gens, [r.get(key, math.nan) for r in rows], style, label=key)
+    ax.set_xlabel("label generation (0 = CDCP)")
+    ax.set_xticks(gens)
+    ax.set_title("pseudo-label quality vs GT (training split)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def timing(records: list[dict]) -> dict:
     steps = [r for r in records if r.get("kind") == "step"]
     refines = [r for r in records if r.get("name") == "refine"]
@@ -225,6 +250,8 @@ def build_report(run: Path, eval_corpus: str | None, out: Path) -> Path:
                 f"{_fmt(g0['maxF'])}: refined labels "
                 f"{'beat' if beats else 'do NOT beat'} the initial ones on both."
             )
+    if plot_label_quality(rows, out / "label_quality.png"):
+        md += ["", "![label quality per generation](label_quality.png)"]
     summary = {"labels": rows, "timing": tm}
     imgs = sorted((run / "images").glob("*.png")) if (run / "images").is_dir() else []
     if imgs:

@@ -1,7 +1,7 @@
 import json
 import math
 
-from jsm_dist.runreport import choose_generation, label_rows, read_log, timing
+from jsm_dist.runreport import choose_generation, label_rows, plot_label_quality, read_log, timing
 
 
 def _event(gen, s_old, s_new, conf, fg_new=0.1):
@@ -28,6 +28,8 @@ def test_label_rows_from_refine_events(tmp_path):
     tm = timing(recs)
     assert tm["samples_per_s"] == 4.0 and tm["data_wait_frac"] == 0.25
     assert tm["refine_share"] == 4.0 / 6.0
+    png = plot_label_quality(rows, tmp_path / "q.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_missing_log_is_a_clear_error(tmp_path):
