@@ -60,11 +60,9 @@ class TrainConfig:
     # corpus's own store in place | a directory path (seeded like "run" when empty)
     init_generation: int = 0  # corpus-store generation a run's labels start from
     label_eval_max: int = 2000  # samples used to score each label generation vs GT
-    log_every: int = 10  # steps between JSONL log lines
     tensorboard: bool = True
     image_grid_samples: int = 6  # rows of the image grid logged per refinement (0 = off)
     max_steps_per_epoch: int = 0  # cap steps per epoch (0 = all; for smoke tests)
-    deepspeed_config: str = ""  # set by the launcher env when DeepSpeed is used; informational
     cpu: bool = False  # force CPU even when CUDA exists
 
     def __post_init__(self) -> None:
@@ -91,7 +89,6 @@ class TrainConfig:
             "must be >= 2 (resume may need to roll back one generation)",
         )
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every, ">= 0")
-        _check(self.log_every >= 1, "train.log_every", self.log_every, ">= 1")
 
 
 @dataclass

@@ -223,7 +223,8 @@ def run(cfg: Config) -> TrainState:
         )
         if stats.grid:
             tele.log_images(f"labels/gen{stats.generation}", state.global_step, stats.grid)
-        store.prune(keep=cfg.train.keep_generations) if accelerator.is_main_process else None
+        if accelerator.is_main_process:
+            store.prune(keep=cfg.train.keep_generations)
         ckpt.save(accelerator, state, config_json)
 
     while True:
