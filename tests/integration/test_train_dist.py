@@ -59,6 +59,12 @@ def launch(args: list[str], *, deepspeed: bool = False, fault: str = "", timeout
     )
 
 
+def crash_test_args(corpus, run: Path) -> list[str]:
+    """The settings of the reference run, so a crashed + resumed run can be compared to it."""
+    return ["--corpus", str(corpus.root), "--out_dir", str(run), "--epochs", "2", "--tau", "1",
+            "--checkpoint_every", "2"]  # fmt: skip
+
+
 def records(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
 
@@ -82,20 +88,7 @@ def corpus(tmp_path_factory):
 def reference_run(corpus, tmp_path_factory):
     """Uninterrupted DDP run: 2 epochs, a refinement after each, checkpoints every 2 steps."""
     run = tmp_path_factory.mktemp("ref") / "run"
-    res = launch(
-        [
-            "--corpus",
-            str(corpus.root),
-            "--out_dir",
-            str(run),
-            "--epochs",
-            "2",
-            "--tau",
-            "1",
-            "--checkpoint_every",
-            "2",
-        ]
-    )
+    res = launch(crash_test_args(corpus, run))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return run
 
@@ -115,18 +108,7 @@ def test_ddp_equal_steps_and_one_commit_per_refinement(reference_run):
 
 def test_resume_after_kill_mid_epoch_matches_uninterrupted(corpus, reference_run, tmp_path):
     run = tmp_path / "run"
-    args = [
-        "--corpus",
-        str(corpus.root),
-        "--out_dir",
-        str(run),
-        "--epochs",
-        "2",
-        "--tau",
-        "1",
-        "--checkpoint_every",
-        "2",
-    ]
+    args = crash_test_args(corpus, run)
     # step 5 is mid epoch 2 (3 steps per epoch); the newest checkpoint is then step 4
     res = launch(args, fault="step:5")
     assert res.returncode != 0, "the fault did not kill the run"
@@ -143,18 +125,7 @@ def test_resume_after_kill_mid_epoch_matches_uninterrupted(corpus, reference_run
 
 def test_kill_during_refinement_then_resume_loses_nothing(corpus, reference_run, tmp_path):
     run = tmp_path / "run"
-    args = [
-        "--corpus",
-        str(corpus.root),
-        "--out_dir",
-        str(run),
-        "--epochs",
-        "2",
-        "--tau",
-        "1",
-        "--checkpoint_every",
-        "2",
-    ]
+    args = crash_test_args(corpus, run)
     res = launch(args, fault="refine_batch")  # dies after writing its first refined batch
     assert res.returncode != 0
     store = LabelStore.open(run / "labels")
