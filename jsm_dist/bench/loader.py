@@ -1,6 +1,7 @@
 """Loader benchmark: our streaming loader vs the reference JSM loader vs the decode limit.
 
-    python -m jsm_dist.bench.loader [--samples 384] [--image-size 352] [--workers 2] ...
+    python -m jsm_dist.bench.loader [--samples 384] [--image-size 352] [--workers 2]
+                                    [--mode weak|unsupervised|full] ...
 
 One run, same data, same worker count and batch size, measured side by side:
 
@@ -14,11 +15,14 @@ One run, same data, same worker count and batch size, measured side by side:
   torchvision is not installed here, so its Resize/ToTensor/Normalize are written with
   PIL + torch (same operations).
 * **ours**: ``make_train_loader`` on shards packed from the same folder (the JPEG bytes are
-  stored untouched), as training runs it (default ``DataConfig``): GT decode, label-store
-  reads, depth normalisation, the default joint augmentation (flip, crop, p=0.2 rotation,
-  colour jitter), resize to the train size, ids; batches of integer images (the float32
-  conversion runs on the training device, ``batching.to_float``, as ``jsm_dist.train``
-  does).
+  stored untouched), as training in model mode ``--mode`` (default ``weak``) runs it
+  (default ``DataConfig``): label-store reads, depth normalisation, the default joint
+  augmentation (flip, crop, p=0.2 rotation, colour jitter), resize to the train size, ids;
+  batches of integer images (the float32 conversion runs on the training device,
+  ``batching.to_float``, as ``jsm_dist.train`` does). Only mode ``full`` trains on the
+  ground truth, so only there does the loader decode and warp GT masks (``read_gt``);
+  ``weak`` / ``unsupervised`` training never reads them (batches carry zero GT,
+  ``has_gt`` False). The reference-style loader always loads its label folder.
 * **ours, no augment**: the same with augmentation off (shows where the gap to the limit goes).
 * **decode limit**: a worker pool that only reads the same shards and decodes RGB + depth
   with the loader's own decoders (``decode.decode_rgb`` / ``decode.decode_depth``: OpenCV,
@@ -288,12 +292,18 @@ def run(args) -> dict[str, float]:
             ds = ReferenceStyleDataset(folder, "GT", args.train_size, vocab)
             return DataLoader(ds, batch_size=b, shuffle=True, num_workers=w, drop_last=True)
 
+        read_gt = args.mode == "full"  # as jsm_dist.train sets it: GT only trains mode full
+
         def ours():
-            return make_train_loader(corpus, cfg, epoch=0, seed=0, world=WorldInfo())
+            return make_train_loader(
+                corpus, cfg, epoch=0, seed=0, world=WorldInfo(), read_gt=read_gt
+            )
 
         def ours_no_aug():  # where the gap to the decode limit goes: augmentation or the rest
             plain = DataConfig(**{**vars(cfg), "augment": False})
-            return make_train_loader(corpus, plain, epoch=0, seed=0, world=WorldInfo())
+            return make_train_loader(
+                corpus, plain, epoch=0, seed=0, world=WorldInfo(), read_gt=read_gt
+            )
 
         def decode_limit():
             return DataLoader(DecodeOnly(corpus.shard_paths, b), batch_size=None, num_workers=w)
@@ -322,7 +332,9 @@ def run(args) -> dict[str, float]:
         print(
             f"\nloader benchmark: {args.samples} samples {args.image_size}px -> train size "
             f"{args.train_size}, batch {b}, workers {w}, best of {args.rounds} interleaved rounds; "
-            f"CapS.pt {pt_mb:.2f} MiB ({args.vocab_size} words x 300)"
+            f"CapS.pt {pt_mb:.2f} MiB ({args.vocab_size} words x 300)\n"
+            f"ours = the training loader as model.mode={args.mode} runs it "
+            f"(GT masks {'decoded and warped' if read_gt else 'not read: unused by this mode'})"
         )
         print(f"{'loader':<20}{'samples/s (wall)':>18}{'CPU ms/sample':>15}{'samples/CPU-s':>15}")
         for name in runs:
@@ -358,6 +370,12 @@ def main(argv: list[str] | None = None) -> int:
         help="loader worker processes, the same for every loader",
     )
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; best one counts")
+    p.add_argument(
+        "--mode",
+        choices=("weak", "unsupervised", "full"),
+        default="weak",
+        help="model mode whose training loader is measured (only full reads GT masks)",
+    )
     p.add_argument("--vocab-size", type=int, default=2000, help="words in the CapS.pt file")
     p.add_argument("--work-dir", default="", help="keep/reuse data here (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="do not delete the temp data dir")

@@ -268,7 +268,7 @@ def keep_freed_memory() -> bool:
 
 
 class SharedBatchRing:
-    """``slots`` compact-batch slots for each of ``workers`` workers, in shared memory.
+    """``slots`` compact-batch slots for each of ``workers`` workers, in shared memory, zeroed.
 
     With ``fork`` workers the slots and busy flags are one anonymous shared mapping made
     before the fork (inherited by the children; pages are faulted in on first use,

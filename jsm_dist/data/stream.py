@@ -10,7 +10,7 @@ Pipeline of one loader worker (open_clip style: each boundary says what flows th
       -> the same raw samples, in buffer order (drained at the end of each pass)
     decode + label lookup (corrupt samples skipped and counted) (decode.SampleDecoder)
       -> numpy {"rgb" u8 HxWx3, "depth" u16 = [0,1] near=1 x 65535, "label" u8 (store size),
-                "gt"?, ids, text}
+                "gt"? (never with ``read_gt=False``: gt.png is left undecoded), ids, text}
     passes chained (eval: one; train: endless)                  (_samples)
     joint augmentation + resize to train_size of each sample, straight into its row of
     a free shared-memory slot of this worker (batch_size rows)   (augment.apply_into)
@@ -177,11 +177,13 @@ class _ShardStream(IterableDataset):
         epoch: int,
         store,
         n_batches: int | None = None,
+        read_gt: bool = True,
     ) -> None:
         super().__init__()
         self.corpus, self.cfg, self.worker_shards = corpus, cfg, worker_shards
         self.train, self.seed, self.rank, self.epoch, self.store = train, seed, rank, epoch, store
         self.n_batches = n_batches  # train: batches of the epoch, over all workers
+        self.read_gt = read_gt  # False: gt.png is dropped undecoded, batches carry zero gt
         self.ring: SharedBatchRing | None = None  # set by StreamLoader when it has workers
 
     def _one_pass(self, shards: list[int], worker: int, pass_idx: int, stats: WorkerStats):
@@ -231,7 +233,7 @@ class _ShardStream(IterableDataset):
         if self.store is not None:
             self.store.refresh()
         url_to_shard = {p: i for i, p in enumerate(self.corpus.shard_paths)}
-        decoder = decode.SampleDecoder(self.corpus, self.store, url_to_shard)
+        decoder = decode.SampleDecoder(self.corpus, self.store, url_to_shard, self.read_gt)
 
         def decode_one(raw: dict) -> dict:
             sample = decoder(raw)
@@ -246,6 +248,9 @@ class _ShardStream(IterableDataset):
         jitter = augmenting and cfg.color_jitter
         out_hw = (cfg.train_size, cfg.train_size)
         scratch: dict = {}  # this worker's reusable intermediate images
+        # without GT the batch's gt rows stay zero: shared slots start zeroed and nothing
+        # writes them (their pages are never even touched), fallback batches are zeroed
+        zero_gt = not self.read_gt
 
         def fill(sample: dict, rows: dict) -> None:
             """Joint augmentation (train) + resize to train size, into the batch's rows."""
@@ -267,12 +272,17 @@ class _ShardStream(IterableDataset):
                 images = ring.views(worker, slot)
             else:
                 images = empty_images(cfg.batch_size, *out_hw)
+                if zero_gt:
+                    images[schema.GT].fill(0)
                 stats.unslotted += ring is not None
             # each sample is augmented into its row right after decoding (still in cache);
             # only its ids and text are kept. A training batch may span two passes.
             metas = []
             for sample in itertools.islice(samples, cfg.batch_size):
-                fill(sample, rows(images, len(metas)))
+                sample_rows = rows(images, len(metas))
+                if zero_gt:
+                    del sample_rows[schema.GT]
+                fill(sample, sample_rows)
                 meta = {k: sample[k] for k in _META_KEYS}
                 meta["gt"] = True if sample.get("gt") is not None else None  # for has_gt
                 metas.append(meta)
@@ -409,6 +419,7 @@ class StreamLoader:
             "missing": missing,
             # batches that found every shared slot in use (the consumer kept earlier ones)
             "unslotted": sum(s.get("unslotted", 0) for s in per_worker.values()),
+            "read_gt": self.dataset.read_gt,  # False: gt rows are zeros, has_gt all False
         }
         if skipped or self.stats["shard_errors"] or missing:
             log.warning(
@@ -455,9 +466,20 @@ def _clamp_workers(requested: int, n_shards: int, what: str) -> int:
 
 
 def make_train_loader(
-    corpus: Corpus, cfg: DataConfig, *, epoch: int, seed: int, world: dist.WorldInfo | None = None
+    corpus: Corpus,
+    cfg: DataConfig,
+    *,
+    epoch: int,
+    seed: int,
+    world: dist.WorldInfo | None = None,
+    read_gt: bool = True,
 ) -> StreamLoader:
-    """Shuffled, augmented, endless-per-worker stream cut at the same batch count on every rank."""
+    """Shuffled, augmented, endless-per-worker stream cut at the same batch count on every rank.
+
+    ``read_gt=False``: the ground-truth masks are never decoded or warped; every batch's
+    ``gt`` is zeros and ``has_gt`` is all False (the trainer sets it for the model modes
+    that do not train on GT; only ``full`` does). Evaluation loaders always read GT.
+    """
     world = world or dist.world_info()
     sizes = corpus.shard_sizes
     nonempty = [s for s, n in enumerate(sizes) if n > 0]
@@ -491,6 +513,7 @@ def make_train_loader(
         epoch=epoch,
         store=_open_store(corpus, cfg),
         n_batches=n_batches,
+        read_gt=read_gt,
     )
     return StreamLoader(
         ds,

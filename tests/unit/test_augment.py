@@ -204,3 +204,48 @@ def test_jitter_into_a_destination_and_scratch_is_the_same():
     A.jitter_with(out, 1.2, 0.7, 1.6, 2.5, dst=out, scratch=scratch)  # in place
     np.testing.assert_array_equal(out, plain)
     assert set(scratch) == {"jitter", "box"}
+
+
+def test_apply_into_without_gt_rows_leaves_them_to_the_caller():
+    """A loader that never reads GT hands over rows without ``gt``: nothing else changes;
+    a sample that does carry GT is then an error, not silently dropped."""
+    s = _sample()
+    no_gt = {k: v for k, v in s.items() if k != "gt"}
+    geom = A.sample_geometry(np.random.default_rng(3), A.AugmentConfig(crop=0.3))
+    full = _rows()
+    A.apply_into(no_gt, full, geom, np.random.default_rng(3), True)
+    rows = {k: v for k, v in _rows().items() if k != "gt"}
+    A.apply_into(no_gt, rows, geom, np.random.default_rng(3), True)
+    for k, v in rows.items():
+        np.testing.assert_array_equal(v, full[k], err_msg=k)
+    with pytest.raises(ValueError, match="ground truth"):
+        A.apply_into(s, rows, geom, np.random.default_rng(3), True)
+
+
+@pytest.mark.parametrize("size", [(48, 48), (23, 61)])
+def test_single_channel_8bit_resize_is_the_rounded_bilinear_value(size):
+    """8-bit single-channel images are resized in 16 bits (faster here): the result is the
+    exact bilinear value rounded (OpenCV's 8-bit path, fixed-point weights, is within one
+    unit), written into ``dst`` or returned as uint8; RGB takes OpenCV's 8-bit path."""
+    rng = np.random.default_rng(0)
+    lab = rng.integers(0, 256, (30, 40)).astype(np.uint8)
+    exact = cv2.resize(lab.astype(np.float32), size[::-1], interpolation=cv2.INTER_LINEAR)
+    dst = np.empty(size, np.uint8)
+    got = A._resize(lab, size[::-1], cv2.INTER_LINEAR, dst)
+    assert got is dst
+    assert np.abs(got - exact).max() <= 0.5 + 1e-3
+    eight = cv2.resize(lab, size[::-1], interpolation=cv2.INTER_LINEAR)
+    assert np.abs(got.astype(int) - eight).max() <= 1
+    as_u8 = A._resize(lab, size[::-1], cv2.INTER_LINEAR, dtype=np.uint8)
+    assert as_u8.dtype == np.uint8 and np.array_equal(as_u8, got)
+    rgb = rng.integers(0, 256, (30, 40, 3)).astype(np.uint8)
+    np.testing.assert_array_equal(
+        A._resize(rgb, size[::-1], cv2.INTER_LINEAR), cv2.resize(rgb, size[::-1])
+    )
+    # the warp of a coarse 8-bit label (upsampled to image resolution, then cropped) stays
+    # 8-bit with or without a destination
+    geom = A.snap_to_pixels(A.Geometry(flip=True, box=(0.113, 0.061, 0.93, 0.87)), (60, 80))
+    m = A.output_to_image(geom, (60, 80), size)
+    plain = A.warp(lab, m, (60, 80), size)
+    into = A.warp(lab, m, (60, 80), size, dst=np.empty(size, np.uint8))
+    assert plain.dtype == np.uint8 and np.array_equal(plain, into)

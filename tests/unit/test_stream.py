@@ -386,3 +386,67 @@ def test_workers_fall_back_when_the_consumer_keeps_every_batch(tmp_path):
     for b, r in zip(held, ref):
         assert b["key"] == r["key"]
         assert torch.equal(to_float(b)["rgb"], r["rgb"]) and torch.equal(to_float(b)["gt"], r["gt"])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_train_loader_without_gt_never_decodes_it(tmp_path, monkeypatch, workers):
+    """``read_gt=False`` (training modes that do not train on GT): gt.png is never decoded,
+    batches carry zero gt and has_gt False, and everything else is what the loader with
+    GT delivers (same samples, same augmentation draws)."""
+    corpus = make_tiny_corpus(tmp_path, shard_sizes=[5, 4, 6])
+    cfg = _cfg(num_workers=workers)
+    with_gt = list(make_train_loader(corpus, cfg, epoch=0, seed=2, world=WorldInfo()))
+    assert all(b["has_gt"].all() for b in with_gt) and any(b["gt"].any() for b in with_gt)
+
+    def no_gt_decode(data):  # a decoded GT would make its sample "corrupt", counted below
+        raise AssertionError("the ground-truth mask was decoded")
+
+    monkeypatch.setattr(decode, "decode_gray", no_gt_decode)  # forked workers inherit it
+    loader = make_train_loader(corpus, cfg, epoch=0, seed=2, world=WorldInfo(), read_gt=False)
+    batches = list(loader)
+    assert loader.stats["skipped"] == 0 and len(batches) == len(with_gt) == len(loader)
+    assert loader.stats["read_gt"] is False
+    for a, b in zip(with_gt, batches):
+        assert b["key"] == a["key"]
+        assert not b["has_gt"].any() and b["has_gt"].shape == a["has_gt"].shape
+        assert b["gt"].shape == a["gt"].shape and b["gt"].dtype == a["gt"].dtype
+        assert not b["gt"].any()
+        for k in ("rgb", "depth", "label"):
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_train_batches_without_gt_are_zero_even_in_reused_memory(tmp_path, monkeypatch):
+    """Batches made without a shared slot start from uninitialised memory: without GT the
+    loader must zero their gt rows itself (nothing writes them)."""
+    from jsm_dist.data import stream
+
+    real = stream.empty_images
+
+    def dirty(*args):
+        images = real(*args)
+        for v in images.values():
+            v.fill(0xAB)  # what recycled memory may hold
+        return images
+
+    monkeypatch.setattr(stream, "empty_images", dirty)
+    corpus = make_tiny_corpus(tmp_path, shard_sizes=[5, 4])
+    loader = make_train_loader(corpus, _cfg(), epoch=0, seed=0, world=WorldInfo(), read_gt=False)
+    batches = list(loader)
+    assert len(batches) == 3 and not any(b["gt"].any() for b in batches)
+    assert all(b["rgb"].ne(0xAB).any() for b in batches)  # the rest was written
+
+
+def test_decoder_without_gt_neither_decodes_nor_checks_it(tmp_path):
+    corpus = make_tiny_corpus(tmp_path, shard_sizes=[2])
+    with tarfile.open(corpus.shard_paths[0]) as tar:
+        members = {
+            m.name.split(".", 1)[1]: tar.extractfile(m).read() for m in tar if "_0000." in m.name
+        }
+    raw = {"__key__": "tiny_000_0000", "__url__": corpus.shard_paths[0], **members}
+    url_to_shard = {corpus.shard_paths[0]: 0}
+    assert decode.SampleDecoder(corpus, None, url_to_shard)(raw)["gt"] is not None
+    raw["gt.png"] = raw["gt.png"][:20]  # truncated: corrupt when read
+    with pytest.raises(decode.CorruptMember, match="undecodable gt"):
+        decode.SampleDecoder(corpus, None, url_to_shard)(raw)
+    sample = decode.SampleDecoder(corpus, None, url_to_shard, read_gt=False)(raw)
+    assert sample["gt"] is None and sample["rgb"].shape == (32, 32, 3)
