@@ -210,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     pairs = synthetic_pairs(args.num_images, args.size, args.seed)
-    # Our pool forks while torch is not imported (evaluate._pool), so time ours first.
+    # Our pool forks while torch is not imported (eval_metrics.metric_pool), so time ours first.
     evaluate_pairs(pairs[:1])  # warm the imports so neither side pays them in the timing
     runs = {
         "ours (1 process)": _timed(lambda: evaluate_pairs(pairs)),

@@ -25,32 +25,61 @@ The shard member layout is documented in shards/README.md and jsm_dist/schema.py
 sample's ``json`` holds its ``index`` in its shard; the shard number is the position of
 the tar in corpus.json ``shards`` (the loader maps ``__url__`` to it), so shards can be
 numbered after the parallel tasks finish.
+
+This module holds the settings, the orchestration and the CLI; sample encoding, tar
+writing, the pool task and corpus finalisation are in :mod:`jsm_dist.data.shard_writer`.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
-import json
 import logging
 import multiprocessing
 import os
-import re
 import shutil
 import sys
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from jsm_dist import dist, schema
-from jsm_dist.data import decode, sources
-from jsm_dist.data.corpus import Corpus, ShardInfo
-from jsm_dist.data.decode import BadInput
-from jsm_dist.data.vocab import find_word
+from jsm_dist import schema
+from jsm_dist.data import sources
+from jsm_dist.data.corpus import Corpus
+from jsm_dist.data.shard_writer import (
+    encode_meta,
+    encode_sample,
+    finalize_corpus,
+    initial_labels,
+    label_inputs,
+    pack_task,
+    saliency_u8,
+    sanitize_key,
+    write_tar,
+)
+
+# Encoding, tar writing, the pool task and corpus finalisation live in shard_writer; they
+# are re-exported here, where callers (tests/helpers.py, benchmarks) import them from.
+__all__ = [
+    "RGB_FORMATS",
+    "SOURCES",
+    "PackConfig",
+    "PackResult",
+    "build_parser",
+    "encode_meta",
+    "encode_sample",
+    "finalize_corpus",
+    "initial_labels",
+    "label_inputs",
+    "main",
+    "pack",
+    "pack_records",
+    "saliency_u8",
+    "sanitize_key",
+    "split_records",
+    "write_tar",
+]
 
 log = logging.getLogger(__name__)
 
@@ -112,165 +141,6 @@ class PackResult:
     bad: list[dict] = field(default_factory=list)
 
 
-# ---- encoding and tar writing (shared with tests/helpers.py) ---------------------------
-def sanitize_key(text: str) -> str:
-    """A WebDataset key: no dots (the key ends at the first dot), no slashes."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", str(text)) or "_"
-
-
-def encode_sample(raw: dict, *, rgb_format: str = "jpg", quality: int = 90) -> dict:
-    """Raw sample -> {member extension: bytes} plus ``__key__`` (``json`` added by
-    :func:`encode_meta` once the sample's index in its shard is known)."""
-    if rgb_format == "jpg":
-        rgb_member = ("rgb.jpg", raw.get("rgb_jpeg") or decode.encode_jpeg(raw["rgb"], quality))
-    else:
-        rgb_member = ("rgb.png", decode.encode_png(raw["rgb"]))
-    members = {"__key__": raw["key"], rgb_member[0]: rgb_member[1]}
-    members["depth.png"] = decode.encode_png(raw["depth"])
-    if raw.get("gt") is not None:
-        members["gt.png"] = decode.encode_png(raw["gt"])
-    return members
-
-
-def encode_meta(meta: dict, index: int) -> bytes:
-    """The ``json`` member: SampleMeta with the sample's ``index`` in its shard."""
-    meta = {k: v for k, v in meta.items() if k != "shard"}
-    meta["index"] = int(index)
-    return json.dumps(meta, ensure_ascii=False, sort_keys=True).encode()
-
-
-def write_tar(path: Path, samples: list[dict]) -> tuple[str, int]:
-    """Deterministic tar (fixed mtime/owner) of encoded samples -> (sha256, bytes)."""
-    with open(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        for members in samples:
-            for ext, data in members.items():
-                if ext == "__key__":
-                    continue
-                info = tarfile.TarInfo(f"{members['__key__']}.{ext}")
-                info.size, info.mtime, info.mode = len(data), 0, 0o644
-                tar.addfile(info, io.BytesIO(data))
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return digest, path.stat().st_size
-
-
-def label_inputs(rgb: np.ndarray, depth: np.ndarray, convention: str, size: int):
-    """(rgb uint8, raw depth) -> (rgb uint8, depth float32 [0,1] near=1) at size x size."""
-    small = (size, size)
-    rgb_s = cv2.resize(rgb, small, interpolation=cv2.INTER_AREA)
-    dep_s = cv2.resize(
-        decode.normalize_depth(depth, convention), small, interpolation=cv2.INTER_AREA
-    )
-    return rgb_s, dep_s
-
-
-def saliency_u8(rgbs: list[np.ndarray], depths: list[np.ndarray], size: int) -> np.ndarray:
-    """initial_saliency on label_inputs() outputs -> uint8 (n, size, size)."""
-    from jsm_dist.data.initial import initial_saliency
-
-    if not rgbs:
-        return np.zeros((0, size, size), np.uint8)
-    sal = np.asarray(initial_saliency(np.stack(rgbs), np.stack(depths)), dtype=np.float32)
-    return (np.clip(sal, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-
-def initial_labels(rgbs: list[np.ndarray], depths: list[np.ndarray], convention: str, size: int):
-    """Handcrafted generation-0 labels of full-size samples: uint8 (n, size, size)."""
-    small = [label_inputs(r, d, convention, size) for r, d in zip(rgbs, depths, strict=True)]
-    return saliency_u8([r for r, _ in small], [d for _, d in small], size)
-
-
-# ---- one task: records -> one (or more, if size-bounded) shard tars --------------------
-def _prepare(cfg: PackConfig, raw: dict, has_text: bool) -> dict:
-    """Validate a loaded raw sample in place (sizes, depth, caption/word); apply --resize."""
-    depth = decode.to_storable_depth(raw["depth"])
-    rgb = np.asarray(raw["rgb"])
-    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise BadInput(f"rgb must be uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}")
-    gt = raw.get("gt")
-    decode.check_sizes(rgb, depth, gt)
-    if cfg.resize:
-        s = (cfg.resize, cfg.resize)
-        rgb = cv2.resize(rgb, s, interpolation=cv2.INTER_AREA)
-        depth = cv2.resize(depth, s, interpolation=cv2.INTER_NEAREST)
-        gt = None if gt is None else cv2.resize(gt, s, interpolation=cv2.INTER_NEAREST)
-        raw["rgb_jpeg"] = None
-    meta = dict(raw["meta"])
-    if has_text:
-        caption, word = str(meta.get("caption") or ""), str(meta.get("word") or "")
-        if not caption.strip():
-            raise BadInput("empty caption")
-        if not word.strip():
-            raise BadInput("no salient word")
-        pos = find_word(caption, word, meta.get("word_pos"))
-        if pos is None:
-            raise BadInput(f"caption without its salient word {word!r}: {caption!r}")
-        meta["word_pos"] = pos
-    else:
-        meta.update(caption="", word="", word_pos=0)
-    return {**raw, "rgb": rgb, "depth": depth, "gt": gt, "meta": meta}
-
-
-def _pack_task(args: tuple) -> dict:
-    """Pool worker: pack one task's records into temp tar(s) + label .npy file(s)."""
-    cfg, task_id, records, tmp_dir, label_size, has_text = args
-    max_bytes = int(cfg.max_shard_mb * (1 << 20))
-    parts: list[dict] = []
-    bad: list[dict] = []
-    cur: dict = {}
-
-    def reset() -> None:
-        cur.update(samples=[], rgbs=[], depths=[], bytes=0, sizes=set(), all_gt=True)
-
-    def close_part() -> None:
-        if not cur["samples"]:
-            return
-        tar = Path(tmp_dir) / f"task-{task_id:06d}-{len(parts):03d}.tar"
-        digest, nbytes = write_tar(tar, cur["samples"])
-        labels = saliency_u8(cur["rgbs"], cur["depths"], label_size)
-        npy = tar.with_suffix(".npy")
-        np.save(npy, labels)
-        keys = [m["__key__"] for m in cur["samples"]]
-        parts.append(
-            {
-                "tar": str(tar),
-                "labels": str(npy),
-                "count": len(keys),
-                "sha256": digest,
-                "bytes": nbytes,
-                "keys": keys,
-                "sizes": sorted(cur["sizes"]),
-                "has_gt": cur["all_gt"],
-            }
-        )
-        reset()
-
-    reset()
-    for record, raw in sources.load_records(cfg, records):
-        try:
-            if isinstance(raw, BadInput):
-                raise raw
-            sample = _prepare(cfg, raw, has_text)
-            members = encode_sample(sample, rgb_format=cfg.rgb_format, quality=cfg.jpeg_quality)
-        except BadInput as exc:
-            bad.append({"source": record.get("source", "?"), "reason": str(exc)})
-            continue
-        size = sum(len(v) + 1536 for k, v in members.items() if k != "__key__")
-        if cur["samples"] and cur["bytes"] + size > max_bytes:
-            close_part()  # size bound: this sample starts the next shard
-        members["json"] = encode_meta(sample["meta"], len(cur["samples"]))
-        cur["samples"].append(members)
-        rgb_s, dep_s = label_inputs(
-            sample["rgb"], sample["depth"], cfg.depth_convention, label_size
-        )
-        cur["rgbs"].append(rgb_s)  # only label-size copies are kept until the shard closes
-        cur["depths"].append(dep_s)
-        cur["bytes"] += size
-        cur["sizes"].add(tuple(sample["rgb"].shape[:2]))
-        cur["all_gt"] &= sample.get("gt") is not None
-    close_part()
-    return {"task": task_id, "parts": parts, "bad": bad, "records": len(records)}
-
-
 # ---- orchestration ---------------------------------------------------------------------
 def _run_tasks(cfg: PackConfig, tasks: list[tuple], total: int, desc: str) -> list[dict]:
     from tqdm.auto import tqdm
@@ -281,13 +151,13 @@ def _run_tasks(cfg: PackConfig, tasks: list[tuple], total: int, desc: str) -> li
     with tqdm(total=total, unit="sample", desc=desc, disable=not cfg.progress) as bar:
         if workers == 1:
             for t in tasks:
-                results.append(_pack_task(t))
+                results.append(pack_task(t))
                 bar.update(results[-1]["records"])
         else:
             # no live OpenCV pool threads when forking (children would deadlock on it)
             cv2.setNumThreads(1)
             with multiprocessing.get_context("fork").Pool(workers) as pool:
-                for res in pool.imap_unordered(_pack_task, tasks):
+                for res in pool.imap_unordered(pack_task, tasks):
                     results.append(res)
                     bar.update(res["records"])
     return sorted(results, key=lambda r: r["task"])
@@ -302,71 +172,6 @@ def _clear_out(out: Path, overwrite: bool) -> None:
         (out / "corpus.json").unlink()
         shutil.rmtree(out / "labels", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-
-
-def finalize_corpus(
-    out: Path,
-    name: str,
-    vocab: list[str],
-    parts: list[dict],
-    *,
-    label_size: int,
-    depth_convention: str,
-    has_text: bool,
-    bad: list[dict],
-    keep: int = 3,
-) -> Corpus:
-    """Rename part tars to shard-%06d.tar, write label generation 0, save corpus.json.
-
-    ``parts`` (in shard order): dicts with ``tar`` (path), ``labels`` (uint8 (n,h,w) array
-    or a .npy path), ``count``, ``sha256``, ``bytes``, ``keys``, ``sizes`` (image (H, W)s
-    seen) and ``has_gt``.
-    """
-    from jsm_dist.labels import LabelStore
-
-    shards = []
-    for i, part in enumerate(parts):
-        fname = f"shard-{i:06d}.tar"
-        os.replace(part["tar"], out / fname)
-        shards.append(
-            ShardInfo(file=fname, count=part["count"], sha256=part["sha256"], bytes=part["bytes"])
-        )
-    sizes = {tuple(s) for p in parts for s in p["sizes"]}
-    corpus = Corpus(
-        root=out,
-        name=name,
-        vocab=vocab,
-        shards=shards,
-        label_size=(label_size, label_size),
-        image_size=next(iter(sizes)) if len(sizes) == 1 else None,
-        depth_convention=depth_convention,
-        has_gt=all(p.get("has_gt", True) for p in parts),
-        has_text=has_text,
-        bad_samples=bad,
-    )
-    single = dist.WorldInfo()
-    store = LabelStore.create(
-        corpus.label_dir,
-        corpus.shard_sizes,
-        corpus.label_size,
-        keep=keep,
-        keys=[p["keys"] for p in parts],
-        overwrite=True,
-    )
-    writer = store.writer(0, world=single)
-    for i, part in enumerate(parts):
-        labels = part["labels"]
-        if not isinstance(labels, np.ndarray):  # a temp .npy written by a pool worker
-            labels = np.load(labels)
-            Path(part["labels"]).unlink(missing_ok=True)
-        if part["count"]:
-            writer.write(i, list(range(part["count"])), labels, None)
-    writer.close()
-    store.commit(0, world=single)
-    # training runs seed their own stores from generation 0: retention must never prune it
-    store.pin(0)
-    corpus.save()
-    return corpus
 
 
 def pack_records(

@@ -91,7 +91,7 @@ def _position(text: str) -> int | None:
 
 
 def _folder_records(cfg, with_text: bool) -> tuple[list[dict], list[str]]:
-    from jsm_dist.data.pack import sanitize_key
+    from jsm_dist.data.shard_writer import sanitize_key
 
     root = Path(cfg.input)
     if not root.is_dir():
@@ -216,7 +216,7 @@ def load_records(cfg, records: list[dict]) -> Iterator[tuple[dict, dict | BadInp
     synth_recs = [r for r in records if r.get("kind") == "synth"]
     if synth_recs:
         from jsm_dist.data import synth
-        from jsm_dist.data.pack import sanitize_key
+        from jsm_dist.data.shard_writer import sanitize_key
 
         scfg = synth.SynthConfig(
             num_samples=cfg.num_samples, image_size=cfg.image_size, seed=cfg.seed
