@@ -43,7 +43,14 @@ class TrainConfig:
     refine_before_training: bool = False  # one refinement pass before epoch 1
     refine_last_epoch: bool = True  # refine after the final epoch when it is a tau-th epoch
     lr: float = 1e-4  # Adam learning rate for every sub-network (reference: 1e-4)
+    text_lr: float = 0.0  # the text network's own learning rate; 0 = lr (see README: a short
+    # CPU run gives the text network a few hundred steps, the reference ~13k)
     weight_decay: float = 0.0
+    text_fit_epochs: int = 0  # > 0: before each refinement, fit a copy of the text network
+    # this many epochs on cached pooled features, and score with it (jsm_dist/textfit.py;
+    # 0 = the reference: score with the jointly trained text network as it is)
+    text_fit_lr: float = 1e-3  # Adam learning rate of that fitting
+    text_fit_max_samples: int = 20000  # cap on the samples cached for it (all ranks)
     lr_schedule: str = "constant"  # constant | cosine (with linear warm-up)
     warmup_steps: int = 0
     grad_accum: int = 1  # gradient accumulation steps
@@ -69,6 +76,15 @@ class TrainConfig:
         _check(self.epochs >= 1, "train.epochs", self.epochs, "must be >= 1")
         _check(self.tau >= 0, "train.tau", self.tau, "must be >= 0")
         _check(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        _check(self.text_lr >= 0, "train.text_lr", self.text_lr, "must be >= 0 (0 = lr)")
+        _check(self.text_fit_epochs >= 0, "train.text_fit_epochs", self.text_fit_epochs, ">= 0")
+        _check(self.text_fit_lr > 0, "train.text_fit_lr", self.text_fit_lr, "must be > 0")
+        _check(
+            self.text_fit_max_samples >= 0,
+            "train.text_fit_max_samples",
+            self.text_fit_max_samples,
+            ">= 0 (0 = all)",
+        )
         _check(self.grad_accum >= 1, "train.grad_accum", self.grad_accum, "must be >= 1")
         _check(self.clip_value >= 0, "train.clip_value", self.clip_value, "must be >= 0")
         _check(self.clip_norm >= 0, "train.clip_norm", self.clip_norm, "must be >= 0")

@@ -69,11 +69,13 @@ def refine_labels(
     label_eval_max: int = 2000,
     grid_samples: int = 0,
     progress: bool = True,
+    text=None,
 ) -> RefineStats:
     """Run one refinement pass on every rank and commit generation ``g + 1``.
 
     ``model`` is the unwrapped ``JSMModel`` (no DDP/DeepSpeed wrapper: refinement has no
-    collectives inside the forward, so ranks may see different batch counts).
+    collectives inside the forward, so ranks may see different batch counts). ``text``: the
+    text network that scores the candidates (default the model's own; ``jsm_dist.textfit``).
     """
     world = dist.world_info()
     device = device or torch.device("cpu")
@@ -98,7 +100,7 @@ def refine_labels(
         it = tqdm(loader, desc=f"refine gen {new_gen}", unit="batch", leave=False)
     for batch in it:
         batch = to_float(batch, device)
-        out = model.refine(batch)
+        out = model.refine(batch, text=text)
         new = out["label"].float()
         old = batch[schema.LABEL].float()
         new_u8 = _to_label_size(new, store.label_size)

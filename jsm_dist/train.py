@@ -12,6 +12,7 @@ position, label generation); telemetry on the main process (jsm_dist/telemetry.p
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -105,8 +106,12 @@ def prepare_label_store(cfg: Config, corpus, fresh: bool):
 
 
 def build_optimizer(cfg: Config, model, steps_total: int):
+    inner = getattr(model, "module", model)
+    overrides = {"text": cfg.train.text_lr} if cfg.train.text_lr and inner.text is not None else {}
     opt = torch.optim.Adam(
-        model.param_groups(cfg.train.lr), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+        inner.param_groups(cfg.train.lr, **overrides),
+        lr=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
     )
     warm = cfg.train.warmup_steps
 
@@ -143,6 +148,7 @@ def run(cfg: Config) -> TrainState:
     from jsm_dist.models import JSMModel, save_model
     from jsm_dist.refine import refine_labels
     from jsm_dist.telemetry import Telemetry
+    from jsm_dist.textfit import fit_scorer
 
     corpus, store = validate(cfg)
     out = Path(cfg.train.out_dir)
@@ -194,6 +200,18 @@ def run(cfg: Config) -> TrainState:
     device = accelerator.device
 
     def refine_now() -> None:
+        scorer, fit = None, None
+        if cfg.train.text_fit_epochs > 0 and raw_model.text is not None:
+            scorer, fit = fit_scorer(
+                raw_model,
+                corpus,
+                cfg.data,
+                device=device,
+                epochs=cfg.train.text_fit_epochs,
+                lr=cfg.train.text_fit_lr,
+                seed=dist.derive_seed(cfg.train.seed, 7, state.refinements),
+                max_samples=cfg.train.text_fit_max_samples,
+            )
         stats = refine_labels(
             raw_model,
             corpus,
@@ -202,6 +220,7 @@ def run(cfg: Config) -> TrainState:
             device=device,
             label_eval_max=cfg.train.label_eval_max,
             grid_samples=cfg.train.image_grid_samples,
+            text=scorer,
         )
         state.label_generation = stats.generation
         state.refinements += 1
@@ -220,6 +239,7 @@ def run(cfg: Config) -> TrainState:
             text_conf=stats.text_conf,
             quality_old=stats.quality_old,
             quality_new=stats.quality_new,
+            text_fit=None if fit is None else dataclasses.asdict(fit),
         )
         if stats.grid:
             tele.log_images(f"labels/gen{stats.generation}", state.global_step, stats.grid)
@@ -233,7 +253,14 @@ def run(cfg: Config) -> TrainState:
         if state.epoch >= cfg.train.epochs:
             break
         epoch = state.epoch
-        loader = make_train_loader(corpus, cfg.data, epoch=epoch, seed=cfg.train.seed, world=world)
+        loader = make_train_loader(
+            corpus,
+            cfg.data,
+            epoch=epoch,
+            seed=cfg.train.seed,
+            world=world,
+            read_gt=cfg.model.mode == "full",  # only full supervision trains on GT
+        )
         batches = iter(loader)
         for _ in range(state.step_in_epoch):  # data position: replay the consumed batches
             next(batches)

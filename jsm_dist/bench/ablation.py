@@ -5,8 +5,11 @@
 Packs a synthetic corpus with a held-out split (unless ``--corpus`` names one packed with
 ``--holdout``), then trains once per variant with ``accelerate launch`` (2 CPU processes):
 
-- ``weak``          JSM: text-weighted update (captions), reference post-processing + CRF
-- ``weak-nopost``   the same without sigmoid/min-max/CRF post-processing
+- ``weak``          JSM: text-weighted update (captions), reference post-processing + CRF;
+                    the candidates are scored by a text network fitted ``--text-fit-epochs``
+                    epochs on cached features before each pass (``train.text_fit_epochs``)
+- ``weak-nofit``    the same, scored by the jointly trained text network as it is (reference)
+- ``weak-nopost``   ``weak`` without sigmoid/min-max/CRF post-processing
 - ``unsupervised``  SSM/BNS update without the text network (fixed weights)
 - ``none``          no refinement: trains on the handcrafted labels throughout
 
@@ -29,6 +32,7 @@ from jsm_dist.launcher import local_launch
 
 VARIANTS = {
     "weak": ["--model.mode", "weak"],
+    "weak-nofit": ["--model.mode", "weak", "--text_fit_epochs", "0"],
     "weak-nopost": [
         "--model.mode",
         "weak",
@@ -65,6 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--procs", type=int, default=2, help="processes per run")
     p.add_argument("--lr", type=float, default=5e-4, help="train.lr of every variant")
     p.add_argument("--encoder", default="efficientnet_lite0", help="model.encoder")
+    p.add_argument(
+        "--text-fit-epochs",
+        type=int,
+        default=30,
+        help="train.text_fit_epochs of the weak variants (weak-nofit: 0)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="train.seed of every variant")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -99,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
             "--corpus", str(root / "train"), "--out_dir", str(run), "--epochs", str(args.epochs),
             "--tau", str(args.tau), "--model.encoder", args.encoder, "--data.train_size",
             str(args.size), "--data.batch_size", "8", "--data.num_workers", "1",
-            "--tensorboard", "false", "--lr", str(args.lr), *VARIANTS[name],
+            "--tensorboard", "false", "--lr", str(args.lr),
+            "--text_fit_epochs", str(args.text_fit_epochs), "--seed", str(args.seed),
+            *VARIANTS[name],
         ]  # fmt: skip
         cmd, env = local_launch(args.procs, train_args)
         t0 = time.perf_counter()

@@ -119,50 +119,34 @@ def train(
         )
 
 
-@torch.no_grad()
-def _pooled_positive_negative(model: JSMModel, data: dict, batch: int):
-    """Pooled features under ``(S, 1 - S)`` for every scene (eval mode) + the masked texts."""
-    model.eval()
-    pooled = []
-    for b in batches(data, batch):
-        x = model._norm_rgb(b[schema.RGB])
-        _, det, feat = model.saliency(x, feat=model.cfg.text_feature)
-        s = torch.sigmoid(det)
-        pooled.append(model.text.masked_pool(feat, torch.stack([s, 1 - s])))
-    text = model.text.encode_text(data[schema.CAPTION], data[schema.WORD_POS], data[schema.WORD])
-    return torch.cat(pooled, 1), text
-
-
 def train_text_cached(model: JSMModel, data: dict, epochs: int, batch: int, lr: float, seed: int):
-    """More text-network epochs with the image networks frozen, on cached pooled features.
-
-    The text loss never reaches the image networks (features and S are detached), so this is
-    exactly joint training continued with the image learning rates at 0; caching the pooled
-    ``GAP(feat * S)`` / ``GAP(feat * (1 - S))`` makes an epoch cost milliseconds, which buys
-    the text network the many steps the reference gives it (60 epochs) on a CPU budget.
-    """
+    """More text-network epochs with the image networks frozen, on cached pooled features:
+    :func:`jsm_dist.textfit.fit_pooled` (what ``train.text_fit_epochs`` does before each
+    refinement in a run); the fitted copy replaces ``model.text``."""
     if epochs <= 0:
         return
-    pooled, text = _pooled_positive_negative(model, data, batch)
-    word = data[schema.WORD]
-    opt = torch.optim.Adam(model.text.parameters(), lr)
-    g = torch.Generator().manual_seed(seed + 1)
-    n = len(word)
-    model.text.train()
-    for epoch in range(epochs):
-        total = 0.0
-        for idx in torch.randperm(n, generator=g).split(batch):
-            logp = torch.log_softmax(
-                model.text.forward_pooled(pooled[:, idx], text.select(idx)), -1
-            )
-            loss = jsm.tsm_loss(logp, word[idx])
-            opt.zero_grad()
-            loss.backward()
-            model.clip_gradients()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-        if (epoch + 1) % 10 == 0 or epoch + 1 == epochs:
-            log.info("text epoch %d/%d  loss_txt=%.4f", epoch + 1, epochs, total / n)
+    from jsm_dist.textfit import fit_pooled
+
+    pooled = torch.cat([model.text_pooled(b[schema.RGB]) for b in batches(data, batch)], 1)
+    model.text, stats = fit_pooled(
+        model.text,
+        pooled,
+        data[schema.CAPTION],
+        data[schema.WORD_POS],
+        data[schema.WORD],
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch,
+        seed=seed + 1,
+        clip=model.cfg.grad_clip,
+    )
+    log.info(
+        "text fitting: %d epochs, loss_txt %.4f -> %.4f (%.1fs)",
+        epochs,
+        stats.loss_first,
+        stats.loss_last,
+        stats.seconds,
+    )
     model.eval()
 
 
@@ -340,7 +324,15 @@ def run(args: argparse.Namespace) -> dict:
     )
     model = JSMModel(cfg, vocab)
     t1 = time.perf_counter()
-    train(model, train_data, args.epochs, args.batch, args.lr, args.lr, args.seed)
+    train(
+        model,
+        train_data,
+        args.epochs,
+        args.batch,
+        args.lr,
+        args.joint_text_lr or args.lr,
+        args.seed,
+    )
     train_text_cached(model, train_data, args.text_epochs, args.batch, args.text_lr, args.seed)
     train_s = time.perf_counter() - t1
     acc_test = text_accuracy(model, test_data, args.batch)
@@ -413,6 +405,12 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=5e-4,
         help="Adam lr of every network in joint training (reference 1e-4)",
+    )
+    p.add_argument(
+        "--joint-text-lr",
+        type=float,
+        default=0.0,
+        help="text network lr during joint training (0 = --lr; train.text_lr in a run)",
     )
     p.add_argument(
         "--text-epochs",

@@ -104,8 +104,8 @@ class JSMModel(nn.Module):
         # depth replicated to 3 channels, normalised with the ImageNet grey statistics
         return (depth.expand(-1, 3, -1, -1) - 0.449) / 0.226
 
-    def _text_batch(self, batch: dict, device):
-        return self.text.encode_text(
+    def _text_batch(self, batch: dict, device, text: TSM | None = None):
+        return (self.text if text is None else text).encode_text(
             list(batch[schema.CAPTION]), batch[schema.WORD_POS], batch[schema.WORD], device
         )
 
@@ -153,32 +153,48 @@ class JSMModel(nn.Module):
 
     # ---- label update ----------------------------------------------------------------------
     @torch.no_grad()
-    def refine(self, batch: dict) -> dict[str, torch.Tensor]:
+    def refine(self, batch: dict, text: TSM | None = None) -> dict[str, torch.Tensor]:
         """New labels for an un-augmented batch (runs in eval mode, restores the mode after).
 
         Returns ``label`` (B, 1, H, W) in [0, 1], ``candidate`` = BNS ``L_d`` (B, 1, H, W),
-        ``conf`` (B, 2) float32 = (w_g, w_d).
+        ``conf`` (B, 2) float32 = (w_g, w_d). ``text``: a text network to score the
+        candidates with instead of ``self.text`` (the fitted copy of ``jsm_dist.textfit``).
         """
         was_training = self.training
         self.eval()
         try:
-            return self._refine(batch)
+            return self._refine(batch, text if text is not None else self.text)
         finally:
             self.train(was_training)
 
-    def _refine(self, batch: dict) -> dict[str, torch.Tensor]:
+    @torch.no_grad()
+    def text_pooled(self, rgb: torch.Tensor) -> torch.Tensor:
+        """The text network's training inputs, pooled: ``masked_pool(feat, [S, 1 - S])``
+        (2, B, C) from the saliency network in eval mode (restores the mode after)."""
+        if self.text is None:
+            raise RuntimeError(f"mode {self.cfg.mode!r} has no text network")
+        was_training = self.training
+        self.eval()
+        try:
+            _, det, feat = self.saliency(self._norm_rgb(rgb), feat=self.cfg.text_feature)
+            s = torch.sigmoid(det)
+            return self.text.masked_pool(feat, torch.stack([s, 1.0 - s]))
+        finally:
+            self.train(was_training)
+
+    def _refine(self, batch: dict, text: TSM | None) -> dict[str, torch.Tensor]:
         rgb = batch[schema.RGB]
         l_g = batch[schema.LABEL].to(rgb.dtype)
         b = rgb.shape[0]
         x = self._norm_rgb(rgb)
-        _, det, feat = self.saliency(x, feat=self.cfg.text_feature if self.text else None)
+        _, det, feat = self.saliency(x, feat=self.cfg.text_feature if text is not None else None)
         _, det_d, _ = self.depth(self._depth_in(x, batch[schema.DEPTH].to(rgb.dtype)), feat=None)
         l_d = jsm.bns_candidate(det, det_d)
         if self.cfg.mode == "full":
             conf = torch.tensor([[1.0, 0.0]], device=rgb.device).expand(b, 2)
             return {"label": l_g.clamp(0, 1), "candidate": l_d, "conf": conf.float().contiguous()}
-        if self.text is not None:
-            logits = self.text(feat, torch.stack([l_g, l_d]), self._text_batch(batch, rgb.device))
+        if text is not None:
+            logits = text(feat, torch.stack([l_g, l_d]), self._text_batch(batch, rgb.device, text))
             word = batch[schema.WORD].to(rgb.device).long()
             p = jsm.word_log_prob(logits, word)  # (2, B)
             conf = jsm.jsm_weights(p[0], p[1])
@@ -197,10 +213,10 @@ class JSMModel(nn.Module):
             label = jsm.dense_crf(label, rgb, params, workers=self.cfg.crf_workers)
         label = label.clamp(0, 1)
         out = {"label": label, "candidate": l_d, "conf": conf.float().contiguous()}
-        if self.text is not None:
+        if text is not None:
             # GT-free quality signal: how surely the text network names the salient word
             # from the region the NEW label selects (used to choose a generation to stop at)
-            logits = self.text(feat, label[None], self._text_batch(batch, rgb.device))
+            logits = text(feat, label[None], self._text_batch(batch, rgb.device, text))
             word = batch[schema.WORD].to(rgb.device).long()
             out["text_conf"] = jsm.word_log_prob(logits, word)[0].exp().float()
         return out

@@ -62,7 +62,7 @@ def launch(args: list[str], *, deepspeed: bool = False, fault: str = "", timeout
 def crash_test_args(corpus, run: Path) -> list[str]:
     """The settings of the reference run, so a crashed + resumed run can be compared to it."""
     return ["--corpus", str(corpus.root), "--out_dir", str(run), "--epochs", "2", "--tau", "1",
-            "--checkpoint_every", "2"]  # fmt: skip
+            "--checkpoint_every", "2", "--text_fit_epochs", "2"]  # fmt: skip
 
 
 def records(run: Path) -> list[dict]:
@@ -101,6 +101,9 @@ def test_ddp_equal_steps_and_one_commit_per_refinement(reference_run):
     refines = [r for r in recs if r.get("name") == "refine"]
     assert [r["generation"] for r in refines] == [1, 2]
     assert all(r["samples"] == sum(SHARDS) for r in refines)  # both ranks' shards refined
+    # the text scorer was fitted on every sample of both ranks before each pass
+    assert [r["text_fit"]["samples"] for r in refines] == [sum(SHARDS)] * 2
+    assert all(r["text_fit"]["epochs"] == 2 for r in refines)
     store = LabelStore.open(reference_run / "labels")
     assert store.generation == 2 and store.generations == [0, 1, 2]
     assert (reference_run / "model.pt").is_file()
@@ -141,7 +144,8 @@ def test_kill_during_refinement_then_resume_loses_nothing(corpus, reference_run,
 
 def test_deepspeed_zero2_train_refine_and_resume(corpus, tmp_path):
     run = tmp_path / "run"
-    args = ["--corpus", str(corpus.root), "--out_dir", str(run), "--tau", "1"]
+    args = ["--corpus", str(corpus.root), "--out_dir", str(run), "--tau", "1",
+            "--text_fit_epochs", "1"]  # fmt: skip
     res = launch(args + ["--epochs", "1"], deepspeed=True, timeout=400)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     ckpt = max((run / "checkpoints").glob("step-*"))
@@ -153,12 +157,16 @@ def test_deepspeed_zero2_train_refine_and_resume(corpus, tmp_path):
     assert done["steps_per_rank"] == [6, 6] and done["refinements"] == 2
     steps = sorted(r["step"] for r in recs if r.get("kind") == "step")
     assert steps == [1, 2, 3, 4, 5, 6]  # resumed at step 4, nothing trained twice
+    fits = [r["text_fit"] for r in recs if r.get("name") == "refine"]
+    assert [f["samples"] for f in fits] == [sum(SHARDS)] * 2  # scorer fitted beside ZeRO-2
 
 
 def test_bad_settings_fail_before_work(corpus, tmp_path):
     env = dict(os.environ)
     cmd = [sys.executable, "-m", "jsm_dist.train", "--corpus", str(tmp_path / "nope")]
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
     assert res.returncode == 2 and "no corpus.json" in res.stderr
     cmd = [
         sys.executable,
@@ -169,5 +177,7 @@ def test_bad_settings_fail_before_work(corpus, tmp_path):
         "--data.batch_size",
         "0",
     ]
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
     assert res.returncode == 2 and "batch_size" in res.stderr

@@ -66,3 +66,27 @@ def test_config_round_trip(tmp_path):
     cfg.save(tmp_path / "config.json")
     again = build_config(json.loads((tmp_path / "config.json").read_text()))
     assert again.to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize("mode", ["weak", "unsupervised"])
+def test_text_lr_gives_the_text_network_its_own_group(mode):
+    from jsm_dist.models import JSMModel
+    from jsm_dist.train import build_optimizer
+
+    cfg, _ = parse_cli(
+        ["--train.lr", "1e-4", "--train.text_lr", "2e-3", "--model.encoder", "tiny",
+         "--model.mode", mode, "--model.text_hidden", "32", "--model.text_layers", "1"]
+    )  # fmt: skip
+    model = JSMModel(cfg.model, ["<negative>", "cat", "dog"])
+    opt, _ = build_optimizer(cfg, model, steps_total=10)
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs.pop("text", None) == (pytest.approx(2e-3) if mode == "weak" else None)
+    assert lrs and all(v == pytest.approx(1e-4) for v in lrs.values())
+    cfg.train.text_lr = 0.0  # 0 = same as lr
+    opt, _ = build_optimizer(cfg, model, steps_total=10)
+    assert all(g["lr"] == pytest.approx(1e-4) for g in opt.param_groups)
+
+
+def test_negative_text_lr_is_refused():
+    with pytest.raises(ValueError, match="text_lr"):
+        parse_cli(["--train.text_lr", "-1"])
