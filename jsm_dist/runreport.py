@@ -166,16 +166,18 @@ def timing(records: list[dict]) -> dict:
     refines = [r for r in records if r.get("name") == "refine"]
     train_s = sum(r.get("step_time", 0.0) for r in steps)
     refine_s = sum(r.get("seconds", 0.0) for r in refines)
+    fit_s = sum((r.get("text_fit") or {}).get("seconds", 0.0) for r in refines)
     samples = sum(r.get("samples", 0) for r in steps)
     wait = sum(r.get("data_time", 0.0) for r in steps)
-    total = train_s + refine_s
+    total = train_s + refine_s + fit_s
     return {
         "train_s": train_s,
+        "text_fit_s": fit_s,
         "refine_s": refine_s,
         "steps": len(steps),
         "samples_per_s": samples / train_s if train_s else math.nan,
         "data_wait_frac": wait / train_s if train_s else math.nan,
-        "refine_share": refine_s / total if total else math.nan,
+        "refine_share": (refine_s + fit_s) / total if total else math.nan,
     }
 
 
@@ -204,10 +206,11 @@ def build_report(run: Path, eval_corpus: str | None, out: Path) -> Path:
         "## Throughput",
         "",
         _table(
-            ["train s", "refine s", "refine share", "samples/s", "data wait"],
+            ["train s", "text fit s", "refine s", "refine share", "samples/s", "data wait"],
             [
                 [
                     tm["train_s"],
+                    tm["text_fit_s"],
                     tm["refine_s"],
                     tm["refine_share"],
                     tm["samples_per_s"],

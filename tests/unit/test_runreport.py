@@ -28,6 +28,9 @@ def test_label_rows_from_refine_events(tmp_path):
     tm = timing(recs)
     assert tm["samples_per_s"] == 4.0 and tm["data_wait_frac"] == 0.25
     assert tm["refine_share"] == 4.0 / 6.0
+    recs[1]["text_fit"] = {"seconds": 3.0, "samples": 8}  # text fitting counts as refinement
+    tm = timing(recs)
+    assert tm["text_fit_s"] == 3.0 and tm["refine_share"] == 7.0 / 9.0
     png = plot_label_quality(rows, tmp_path / "q.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
