@@ -50,7 +50,7 @@ class TrainConfig:
     # this many epochs on cached pooled features, and score with it (jsm_dist/textfit.py;
     # 0 = the reference: score with the jointly trained text network as it is)
     text_fit_lr: float = 1e-3  # Adam learning rate of that fitting
-    text_fit_max_samples: int = 20000  # cap on the samples cached for it (all ranks)
+    text_fit_max_samples: int = 20000  # cap on the samples cached for it (all ranks; whole shards)
     lr_schedule: str = "constant"  # constant | cosine (with linear warm-up)
     warmup_steps: int = 0
     grad_accum: int = 1  # gradient accumulation steps

@@ -130,38 +130,47 @@ def _fit_epochs(fitted, opt, params, pooled, tokens, words, gen, epochs, batch_s
 
 
 @torch.no_grad()
+def capped_shards(corpus: Corpus, world_size: int, rank: int, max_samples: int) -> list[int]:
+    """The shards ``rank`` owns, in order, up to the first one that brings their sample count
+    to ``max_samples`` (whole shards: the cap is rounded up; 0 = all of them)."""
+    mine, n = [], 0
+    for s, size in enumerate(corpus.shard_sizes):
+        if dist.owner_of_shard(s, world_size) != rank or size == 0:
+            continue
+        if max_samples > 0 and n >= max_samples:
+            break
+        mine.append(s)
+        n += size
+    return mine
+
+
 def collect_pooled(
     model, corpus: Corpus, data_cfg: DataConfig, device: torch.device, max_samples: int = 0
 ) -> dict:
     """This rank's cache: pooled ``[S, 1 - S]`` features of the shards it owns (eval mode).
 
-    ``max_samples`` (> 0) caps the cache per rank. Returns numpy/list fields keyed
-    ``pooled`` (N, 2, C) float32, ``caption``, ``word_pos``, ``word``, ``shard``, ``index``.
+    ``max_samples`` (> 0) caps the cache per rank, rounded up to whole shards
+    (:func:`capped_shards`). Returns numpy/list fields keyed ``pooled`` (N, 2, C) float32,
+    ``caption``, ``word_pos``, ``word``, ``shard``, ``index``.
     """
     world = dist.world_info()
+    shards = capped_shards(corpus, world.world_size, world.rank, max_samples)
     was_training = model.training
     model.eval()
     out = {k: [] for k in ("pooled", "caption", "word_pos", "word", "shard", "index")}
-    n = 0
     try:
-        for batch in make_eval_loader(corpus, data_cfg, world=world):
+        for batch in make_eval_loader(corpus, data_cfg, world=world, shards=shards):
             batch = to_float(batch, device)
             pooled = model.text_pooled(batch[schema.RGB])  # (2, B, C)
-            take = len(batch[schema.CAPTION])
-            if max_samples > 0:
-                take = min(take, max_samples - n)
-            out["pooled"].append(pooled[:, :take].transpose(0, 1).float().cpu().numpy())
-            out["caption"] += list(batch[schema.CAPTION][:take])
+            out["pooled"].append(pooled.transpose(0, 1).float().cpu().numpy())
+            out["caption"] += list(batch[schema.CAPTION])
             for key, name in (
                 (schema.WORD_POS, "word_pos"),
                 (schema.WORD, "word"),
                 (schema.SHARD, "shard"),
                 (schema.INDEX, "index"),
             ):
-                out[name].append(batch[key][:take].cpu().numpy())
-            n += take
-            if max_samples > 0 and n >= max_samples:
-                break
+                out[name].append(batch[key].cpu().numpy())
     finally:
         model.train(was_training)
     c = model.text.v_conv.in_channels
@@ -190,7 +199,7 @@ def fit_scorer(
     """Collective: every rank caches, rank 0 fits, every rank gets the fitted scorer.
 
     ``model`` is the unwrapped weak-mode ``JSMModel``. ``max_samples`` caps the cache over
-    all ranks (0 = every sample).
+    all ranks, split evenly and rounded up to whole shards (0 = every sample).
     """
     world = dist.world_info()
     per_rank = -(-max_samples // world.world_size) if max_samples > 0 else 0

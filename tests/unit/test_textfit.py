@@ -11,7 +11,7 @@ from jsm_dist import schema
 from jsm_dist.bench.model import VOCAB, make_batch
 from jsm_dist.data.stream import DataConfig
 from jsm_dist.models import JSMModel, ModelConfig
-from jsm_dist.textfit import collect_pooled, fit_pooled, fit_scorer
+from jsm_dist.textfit import capped_shards, collect_pooled, fit_pooled, fit_scorer
 
 SIZE = 32
 
@@ -84,8 +84,10 @@ def test_fit_scorer_single_process_uses_every_sample_and_is_deterministic(tmp_pa
     assert sorted(zip(cache["shard"], cache["index"])) == [
         (s, i) for s, n in enumerate((3, 2, 4)) for i in range(n)
     ]
-    capped = collect_pooled(model, corpus, cfg, torch.device("cpu"), max_samples=5)
-    assert len(capped["caption"]) == 5
+    capped = collect_pooled(model, corpus, cfg, torch.device("cpu"), max_samples=4)
+    assert len(capped["caption"]) == 5  # whole shards: 3 + 2 reach the cap of 4
+    assert capped_shards(corpus, 2, 1, 0) == [1]  # rank 1 of 2 owns the odd shards
+    assert capped_shards(corpus, 1, 0, 3) == [0]
     kw = {"device": torch.device("cpu"), "epochs": 3, "lr": 1e-3, "seed": 5}
     a, stats = fit_scorer(model, corpus, cfg, **kw)
     b, _ = fit_scorer(model, corpus, cfg, **kw)
