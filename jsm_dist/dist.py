@@ -75,6 +75,17 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def gather_object(obj, dst: int = 0) -> list | None:
+    """List of every rank's ``obj`` in rank order on rank ``dst``, None on the others
+    (``[obj]`` in a single process)."""
+    td = _torch_dist()
+    if td is None or td.get_world_size() == 1:
+        return [obj]
+    out = [None] * td.get_world_size() if td.get_rank() == dst else None
+    td.gather_object(obj, out, dst=dst)
+    return out
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Element-wise sum of a short list of floats over ranks."""
     td = _torch_dist()

@@ -204,8 +204,8 @@ def fit_scorer(
     world = dist.world_info()
     per_rank = -(-max_samples // world.world_size) if max_samples > 0 else 0
     mine = collect_pooled(model, corpus, data_cfg, device, per_rank)
-    parts = dist.all_gather_object(mine)
-    state, stats = None, FitStats()
+    parts = dist.gather_object(mine)  # rank 0 alone fits: only it needs the caches
+    fitted, state, stats = None, None, FitStats()
     if world.is_main:
         order_keys = [(int(s), int(i)) for p in parts for s, i in zip(p["shard"], p["index"])]
         order = sorted(range(len(order_keys)), key=order_keys.__getitem__)
@@ -232,6 +232,7 @@ def fit_scorer(
             stats.seconds,
         )
     state, stats = dist.broadcast_object((state, stats))
-    scorer = copy.deepcopy(model.text)
-    scorer.load_state_dict(state)
-    return scorer.to(device).eval(), stats
+    if fitted is None:  # the other ranks build the same scorer from rank 0's weights
+        fitted = copy.deepcopy(model.text)
+        fitted.load_state_dict(state)
+    return fitted.to(device).eval(), stats
