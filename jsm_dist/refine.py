@@ -48,6 +48,7 @@ class RefineStats:
     text_conf: float = float("nan")  # mean text-network probability of the word (GT-free)
     quality_old: dict = field(default_factory=dict)  # metrics of generation g vs GT
     quality_new: dict = field(default_factory=dict)  # metrics of generation g+1 vs GT
+    choice: dict = field(default_factory=dict)  # candidate_choice() vs GT (rank 0)
     grid: list = field(default_factory=list)  # a few rows for the image grid (rank 0)
 
 
@@ -90,7 +91,8 @@ def refine_labels(
     loader = make_eval_loader(corpus, data_cfg, world=world)
     # per-rank sums: samples, |change|, fg old, fg new, w_g, w_g^2, text conf, text-conf count
     sums = np.zeros(8, dtype=np.float64)
-    evals: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (old, new, gt) uint8
+    # (old, new, gt, candidate) uint8 at the store size, w_d float32
+    evals: list[tuple[np.ndarray, ...]] = []
     n_eval = 0
     grid: list[dict] = []
     it = loader
@@ -132,7 +134,16 @@ def refine_labels(
         if has_gt is not None and bool(has_gt.all()) and n_eval < label_eval_max:
             take = min(b, label_eval_max - n_eval)
             gt_u8 = _to_label_size(batch[schema.GT][:take], store.label_size)
-            evals.append((_to_label_size(old[:take], store.label_size), new_u8[:take], gt_u8))
+            cand = out.get("candidate")
+            evals.append(
+                (
+                    _to_label_size(old[:take], store.label_size),
+                    new_u8[:take],
+                    gt_u8,
+                    None if cand is None else _to_label_size(cand[:take], store.label_size),
+                    None if conf_np is None else conf_np[:take, 1],
+                )
+            )
             n_eval += take
         if world.is_main and len(grid) < grid_samples:
             for i in range(min(b, grid_samples - len(grid))):
@@ -175,10 +186,58 @@ def refine_labels(
             gt_a = np.concatenate([p[2] for p in pairs])[:label_eval_max]
             stats.quality_old = _scalar_metrics(evaluate_arrays(old_a, gt_a))
             stats.quality_new = _scalar_metrics(evaluate_arrays(new_a, gt_a))
+            if all(p[3] is not None and p[4] is not None for p in pairs):
+                cand_a = np.concatenate([p[3] for p in pairs])[:label_eval_max]
+                w_d = np.concatenate([p[4] for p in pairs])[:label_eval_max]
+                stats.choice = candidate_choice(old_a, cand_a, gt_a, w_d)
         stats.grid = grid
     stats.seconds = time.perf_counter() - t0
     dist.barrier()
     return stats
+
+
+def candidate_choice(
+    old: np.ndarray, cand: np.ndarray, gt: np.ndarray, w_d: np.ndarray, tie: float = 0.01
+) -> dict:
+    """Did the update favour the better of its two candidates? (GT diagnostics, #4)
+
+    ``old`` = the current label ``L_g``, ``cand`` = the depth-refined ``L_d`` (uint8 maps
+    (N, h, w)), ``gt`` uint8 masks, ``w_d`` the JSM weight of ``L_d`` (N,). "Better" is by
+    S-measure against GT (not MAE, which rewards shrinking labels). A weight within ``tie``
+    of 0.5 is *undecided* and counted as not favouring the better one. Returns the shares
+    ``favours_better`` (all samples), ``favours_better_decided`` (undecided left out),
+    ``undecided``, ``cand_better`` (base rate: ``L_d`` better), ``favours_cand`` and the
+    correlation of ``w_d`` with ``S(L_d) - S(L_g)``.
+    """
+    import py_sod_metrics as psm
+
+    n = len(w_d)
+    if not (len(old) == len(cand) == len(gt) == n) or n == 0:
+        raise ValueError(f"candidate_choice: sizes {len(old)}, {len(cand)}, {len(gt)}, {n}")
+    s = np.empty((2, n))
+    for k, maps in enumerate((old, cand)):
+        for i in range(n):
+            sm = psm.Smeasure()
+            sm.step(maps[i], gt[i])
+            s[k, i] = sm.get_results()["sm"]
+    w_d = np.asarray(w_d, dtype=np.float64)
+    better_d = s[1] > s[0]
+    favour_d = w_d > 0.5
+    undecided = np.abs(w_d - 0.5) < tie
+    right = (favour_d == better_d) & ~undecided
+    d_s = s[1] - s[0]
+    corr = float(np.corrcoef(w_d, d_s)[0, 1]) if n > 1 and w_d.std() > 0 and d_s.std() > 0 else 0.0
+    return {
+        "n": n,
+        "favours_better": float(right.mean()),
+        "favours_better_decided": float(right[~undecided].mean()) if (~undecided).any() else 0.0,
+        "undecided": float(undecided.mean()),
+        "cand_better": float(better_d.mean()),
+        "favours_cand": float(favour_d.mean()),
+        "corr_wd_dS": corr,
+        "S_old": float(s[0].mean()),
+        "S_cand": float(s[1].mean()),
+    }
 
 
 def _scalar_metrics(res: dict) -> dict:

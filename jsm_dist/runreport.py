@@ -28,7 +28,19 @@ from jsm_dist import dist, schema
 
 log = logging.getLogger(__name__)
 
-LABEL_COLS = ("generation", "Sm", "maxF", "MAE", "fg", "w_g mean", "w_g std", "text conf", "change")
+LABEL_COLS = (
+    "generation",
+    "Sm",
+    "maxF",
+    "MAE",
+    "fg",
+    "w_g mean",
+    "w_g std",
+    "text conf",
+    "favours better",
+    "L_d better",
+    "change",
+)
 
 
 def read_log(run: Path) -> list[dict]:
@@ -56,6 +68,8 @@ def label_rows(records: list[dict]) -> list[dict]:
             "w_g std": ev.get("w_g_std", math.nan),
             "text conf": ev.get("text_conf", math.nan),
             "change": ev.get("mean_abs_change", math.nan),
+            "favours better": (ev.get("choice") or {}).get("favours_better", math.nan),
+            "L_d better": (ev.get("choice") or {}).get("cand_better", math.nan),
             "seconds": ev.get("seconds", math.nan),
         }
     return [rows[g] for g in sorted(rows)]
@@ -227,7 +241,11 @@ def build_report(run: Path, eval_corpus: str | None, out: Path) -> Path:
             "Generation 0 = handcrafted CDCP labels. `fg` = mean fraction of pixels > 0.5 "
             "(watch for shrinking labels: MAE alone rewards them). `w_g` = JSM weight of the "
             "current label vs the depth-refined candidate; `text conf` = mean probability the "
-            "text network gives the salient word (the GT-free selection signal)."
+            "text network gives the salient word (the GT-free selection signal). "
+            "`favours better` = share of samples whose update weighted the candidate with "
+            "the higher S-measure against GT more (a weight within 0.01 of 0.5 counts as "
+            "not); `L_d better` = share where that is the depth-refined candidate (the base "
+            "rate). Both need GT in the training corpus (diagnostics only)."
         ),
         "",
     ]

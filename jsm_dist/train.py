@@ -239,6 +239,7 @@ def run(cfg: Config) -> TrainState:
             text_conf=stats.text_conf,
             quality_old=stats.quality_old,
             quality_new=stats.quality_new,
+            choice=stats.choice,
             text_fit=None if fit is None else dataclasses.asdict(fit),
         )
         if stats.grid:

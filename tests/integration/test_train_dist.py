@@ -104,6 +104,12 @@ def test_ddp_equal_steps_and_one_commit_per_refinement(reference_run):
     # the text scorer was fitted on every sample of both ranks before each pass
     assert [r["text_fit"]["samples"] for r in refines] == [sum(SHARDS)] * 2
     assert all(r["text_fit"]["epochs"] == 2 for r in refines)
+    # the candidate-choice diagnostics cover both ranks' samples (the corpus has GT)
+    for r in refines:
+        c = r["choice"]
+        assert c["n"] == sum(SHARDS), c
+        assert 0.0 <= c["favours_better"] <= c["favours_better_decided"] <= 1.0
+        assert 0.0 <= c["undecided"] <= 1.0 and 0.0 <= c["cand_better"] <= 1.0
     store = LabelStore.open(reference_run / "labels")
     assert store.generation == 2 and store.generations == [0, 1, 2]
     assert (reference_run / "model.pt").is_file()

@@ -11,6 +11,7 @@ def _event(gen, s_old, s_new, conf, fg_new=0.1):
         "quality_new": {"Sm": s_new, "maxF": s_new - 0.1, "MAE": 0.09},
         "fg_old": 0.1, "fg_new": fg_new, "w_g_mean": 0.6, "w_g_std": 0.1,
         "text_conf": conf, "mean_abs_change": 0.02,
+        "choice": {"favours_better": 0.25 * gen, "cand_better": 0.3},
     }
 
 
@@ -22,6 +23,8 @@ def test_label_rows_from_refine_events(tmp_path):
     assert [r["generation"] for r in rows] == [0, 1, 2]
     assert rows[0]["Sm"] == 0.70 and math.isnan(rows[0].get("text conf", math.nan))
     assert rows[2]["Sm"] == 0.72 and rows[2]["text conf"] == 0.5
+    assert rows[2]["favours better"] == 0.5 and rows[1]["L_d better"] == 0.3
+    assert math.isnan(rows[0].get("favours better", math.nan))
     # the GT-free rule follows text confidence (gen 2) while GT prefers gen 1
     ch = choose_generation(rows)
     assert ch["chosen"] == 2 and ch["gt_best"] == 1
