@@ -134,6 +134,29 @@ def word_log_prob(logits: torch.Tensor, word: torch.Tensor) -> torch.Tensor:
     return logp.gather(-1, idx).squeeze(-1)
 
 
+JSM_SCORES = ("word", "word_vs_negative")
+
+
+def candidate_score(logits: torch.Tensor, word: torch.Tensor, kind: str = "word") -> torch.Tensor:
+    """The per-candidate score whose softmax gives the JSM weights: (..., B, C), (B,) -> (..., B).
+
+    ``"word"`` (paper/reference): ``log p(word | feat * L)``. ``"word_vs_negative"``:
+    ``log p(word | feat * L) - log p(negative | feat * L)``, the log-odds of the salient word
+    against class 0, the class the TSM loss trains on background regions. Why the option: a
+    text network that names the word confidently from both candidates gives ``p ~ 1`` for
+    both, so the reference weights sit at 0.5 whatever the candidates' quality; the odds
+    against "negative" keep growing with how little of the region looks like background.
+    Measured on the demo run (``jsm_dist.bench.text_signal`` and the refinement pass's
+    ``choice`` statistics; README "Label update scoring").
+    """
+    if kind not in JSM_SCORES:
+        raise ValueError(f"candidate score must be one of {JSM_SCORES}, got {kind!r}")
+    p = word_log_prob(logits, word)
+    if kind == "word_vs_negative":
+        p = p - F.log_softmax(logits, dim=-1)[..., 0]
+    return p
+
+
 def jsm_weights(p_g: torch.Tensor, p_d: torch.Tensor) -> torch.Tensor:
     """``(w_g, w_d) = softmax([p_g, p_d])`` per sample: (B,), (B,) -> (B, 2)."""
     return torch.softmax(torch.stack([p_g, p_d], dim=-1), dim=-1)

@@ -9,12 +9,15 @@ Packs a synthetic corpus with a held-out split (unless ``--corpus`` names one pa
                     the candidates are scored by a text network fitted ``--text-fit-epochs``
                     epochs on cached features before each pass (``train.text_fit_epochs``)
 - ``weak-nofit``    the same, scored by the jointly trained text network as it is (reference)
+- ``weak-odds``     ``weak`` with the candidates scored by the log-odds of the word against
+                    "negative" (``model.jsm_score=word_vs_negative``) instead of ``log p(word)``
 - ``weak-nopost``   ``weak`` without sigmoid/min-max/CRF post-processing
 - ``unsupervised``  SSM/BNS update without the text network (fixed weights)
 - ``none``          no refinement: trains on the handcrafted labels throughout
 
 and prints one markdown table of label quality per generation (training split, vs GT:
-S-measure, max-F, MAE, foreground fraction, JSM weights, text confidence) plus the final
+S-measure, max-F, MAE, foreground fraction, JSM weights, text confidence, share of samples
+whose update favoured the candidate better by S-measure) plus the final
 model's held-out metrics, the GT-free generation choice and the GT-best generation.
 """
 
@@ -33,6 +36,7 @@ from jsm_dist.launcher import local_launch
 VARIANTS = {
     "weak": ["--model.mode", "weak"],
     "weak-nofit": ["--model.mode", "weak", "--text_fit_epochs", "0"],
+    "weak-odds": ["--model.mode", "weak", "--model.jsm_score", "word_vs_negative"],
     "weak-nopost": [
         "--model.mode",
         "weak",
@@ -137,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                     r.get("w_g mean"),
                     r.get("w_g std"),
                     r.get("text conf"),
+                    r.get("favours better"),
                 ]
             )
         if rows:
@@ -159,7 +164,18 @@ def main(argv: list[str] | None = None) -> int:
                 base.get("MAE"),
             ]
         )
-    hdr = ["variant", "gen", "Sm", "maxF", "MAE", "fg", "w_g mean", "w_g std", "text conf"]
+    hdr = [
+        "variant",
+        "gen",
+        "Sm",
+        "maxF",
+        "MAE",
+        "fg",
+        "w_g mean",
+        "w_g std",
+        "text conf",
+        "favours better",
+    ]
     lines = [
         "## Label quality per generation (training split vs GT)",
         "",

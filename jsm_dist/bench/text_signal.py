@@ -321,6 +321,7 @@ def run(args: argparse.Namespace) -> dict:
         post_minmax=False,
         text_dropout=args.text_dropout,
         text_feature=args.text_feature,
+        jsm_score=args.jsm_score,
     )
     model = JSMModel(cfg, vocab)
     t1 = time.perf_counter()
@@ -356,6 +357,7 @@ def report(res: dict) -> None:
         f"text signal: encoder={c['encoder']} text={c['text_model']} size={c['size']} "
         f"train={c['train']} test={c['test']} epochs={c['epochs']} lr={c['lr']} "
         f"text_epochs={c['text_epochs']} text_lr={c['text_lr']} feature={c['text_feature']} "
+        f"score={c.get('jsm_score', 'word')} "
         f"threads={c['threads']} "
         f"(training {res['train_seconds']}s, total {res['total_seconds']}s)"
     )
@@ -420,6 +422,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--text-feature", default="encoder", help="what the text network reads: encoder | decoder"
+    )
+    p.add_argument(
+        "--jsm-score",
+        default="word",
+        help="JSM candidate score: word (reference) | word_vs_negative (jsm.candidate_score)",
     )
     p.add_argument("--text-lr", type=float, default=1e-3, help="Adam lr of the text-only epochs")
     p.add_argument(

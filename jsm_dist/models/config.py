@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, fields
 
+from jsm_dist.jsm import JSM_SCORES
 from jsm_dist.models.encoders import ENCODERS
 
 MODES = ("weak", "unsupervised", "full")
@@ -40,6 +41,7 @@ class ModelConfig:
     max_text_len: int = 64  # tokens per caption (captions are <= 20 words)
     # ---- setting ----
     mode: str = "weak"  # "weak" | "unsupervised" (no text) | "full" (GT labels, no update)
+    jsm_score: str = "word"  # JSM candidate score: "word" (reference) | "word_vs_negative"
     unsup_weight_d: float = 0.5  # unsupervised update: fixed w_d (w_g = 1 - w_d)
     sample_weighting: bool = False  # reference's unused per-sample softmax(1 - BCE) loss weight
     # ---- SSM / holistic attention ----
@@ -78,6 +80,8 @@ class ModelConfig:
             bad("gauss_mode", GAUSS_MODES)
         if self.text_feature not in TEXT_FEATURES:
             bad("text_feature", TEXT_FEATURES)
+        if self.jsm_score not in JSM_SCORES:
+            bad("jsm_score", JSM_SCORES)
         for name in ("decoder_channels", "text_hidden", "text_layers", "text_heads", "visual_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")

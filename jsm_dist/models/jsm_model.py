@@ -161,11 +161,17 @@ class JSMModel(nn.Module):
         candidates with instead of ``self.text`` (the fitted copy of ``jsm_dist.textfit``).
         """
         was_training = self.training
+        scorer = text if text is not None else self.text
+        scorer_training = scorer is not None and scorer.training
         self.eval()
+        if scorer is not None:
+            scorer.eval()  # a scorer from outside the module too: no dropout in the update
         try:
-            return self._refine(batch, text if text is not None else self.text)
+            return self._refine(batch, scorer)
         finally:
             self.train(was_training)
+            if scorer is not None:
+                scorer.train(scorer_training)
 
     @torch.no_grad()
     def text_pooled(self, rgb: torch.Tensor) -> torch.Tensor:
@@ -196,7 +202,7 @@ class JSMModel(nn.Module):
         if text is not None:
             logits = text(feat, torch.stack([l_g, l_d]), self._text_batch(batch, rgb.device, text))
             word = batch[schema.WORD].to(rgb.device).long()
-            p = jsm.word_log_prob(logits, word)  # (2, B)
+            p = jsm.candidate_score(logits, word, self.cfg.jsm_score)  # (2, B)
             conf = jsm.jsm_weights(p[0], p[1])
             # no salient word -> no text evidence: the text-free fixed weights
             fixed = torch.tensor(

@@ -63,8 +63,9 @@ def slow_bns(s_logit: np.ndarray, d_logit: np.ndarray) -> np.ndarray:
     return out
 
 
-def slow_update(logits_g, logits_d, word, l_g, l_d):
-    """Per sample: log-softmax at the word, 2-way softmax, weighted sum per pixel."""
+def slow_update(logits_g, logits_d, word, l_g, l_d, score="word"):
+    """Per sample: log-softmax at the word (minus the one at class 0 for the
+    ``word_vs_negative`` score), 2-way softmax, weighted sum per pixel."""
     new = np.zeros_like(l_g, dtype=np.float64)
     weights = []
     for b in range(len(word)):
@@ -72,7 +73,8 @@ def slow_update(logits_g, logits_d, word, l_g, l_d):
         def logp(row, target):
             m = max(row)
             lse = m + math.log(sum(math.exp(v - m) for v in row))
-            return row[target] - lse
+            word_lp = row[target] - lse
+            return word_lp - (row[0] - lse) if score == "word_vs_negative" else word_lp
 
         pg = logp(list(logits_g[b]), word[b])
         pd = logp(list(logits_d[b]), word[b])
@@ -182,6 +184,36 @@ def test_jsm_update_matches_slow_transcription():
     assert np.allclose(w.numpy(), want_w, atol=1e-12)
     assert np.allclose(new.numpy(), want_new, atol=1e-12)
     assert torch.allclose(w.sum(1), torch.ones(b, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("score", ["word", "word_vs_negative"])
+def test_candidate_score_weights_match_slow_transcription(score):
+    g = torch.Generator().manual_seed(3)
+    b, c = 5, 7
+    logits = torch.randn(2, b, c, generator=g, dtype=torch.float64) * 3
+    word = torch.tensor([1, 6, 2, 3, 4])
+    l_g = torch.rand(b, 1, 3, 4, generator=g, dtype=torch.float64)
+    l_d = torch.rand(b, 1, 3, 4, generator=g, dtype=torch.float64)
+    p = jsm.candidate_score(logits, word, score)
+    w = jsm.jsm_weights(p[0], p[1])
+    want_new, want_w = slow_update(
+        logits[0].numpy(), logits[1].numpy(), word.tolist(), l_g.numpy(), l_d.numpy(), score
+    )
+    assert np.allclose(w.numpy(), want_w, atol=1e-12)
+    assert np.allclose(jsm.jsm_update(l_g, l_d, w).numpy(), want_new, atol=1e-12)
+
+
+def test_word_vs_negative_separates_what_the_reference_score_ties():
+    # both candidates name the word with p ~ 1; the second also looks far less like background
+    logits = torch.tensor([[[0.0, 12.0, 0.0]], [[-6.0, 12.0, 0.0]]], dtype=torch.float64)
+    word = torch.tensor([1])
+    ref = jsm.candidate_score(logits, word, "word")
+    w_ref = jsm.jsm_weights(ref[0], ref[1])
+    assert abs(float(w_ref[0, 1]) - 0.5) < 1e-3  # reference: a tie
+    odds = jsm.candidate_score(logits, word, "word_vs_negative")
+    assert float(jsm.jsm_weights(odds[0], odds[1])[0, 1]) > 0.99
+    with pytest.raises(ValueError, match="candidate score"):
+        jsm.candidate_score(logits, word, "words")
 
 
 def test_minmax_per_image_and_constant_image():

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import copy
-
+import pytest
 import torch
 from helpers import make_tiny_corpus
 
@@ -61,18 +60,61 @@ def test_fit_pooled_lowers_the_loss_and_leaves_the_original_alone():
     assert any(not torch.equal(before[k], v) for k, v in fitted.state_dict().items())
 
 
+class MassScorer(torch.nn.Module):
+    """A known scorer: the more of the image a map covers, the surer the word and the less
+    "negative" (logits from the map's mean; the real network tokenises the captions)."""
+
+    def __init__(self, real):
+        super().__init__()
+        self.real = real
+
+    def encode_text(self, *args):
+        return self.real.encode_text(*args)
+
+    def forward(self, feat, maps, text):
+        mass = maps.float().mean(dim=(-3, -2, -1))  # (K, B)
+        logits = torch.zeros(*mass.shape, len(VOCAB))
+        logits[..., 1:] = 8.0 * mass[..., None]
+        logits[..., 0] = -4.0 * mass
+        return logits
+
+
+def stub_batch(n: int = 4) -> dict:
+    batch = visual_batch(n)
+    g = torch.Generator().manual_seed(9)  # current labels of different sizes
+    batch[schema.LABEL] = (
+        torch.rand(n, 1, 64, 64, generator=g) < torch.rand(n, 1, 1, 1, generator=g)
+    ).float()
+    return batch
+
+
 def test_refine_scores_with_the_given_text_network():
     model = tiny_model()
-    batch = visual_batch(4)
+    batch = stub_batch()
     own = model.refine(batch)
     same = model.refine(batch, text=model.text)
     torch.testing.assert_close(own["conf"], same["conf"])
-    other = copy.deepcopy(model.text)
-    with torch.no_grad():  # a scorer whose visual token dominates: L_g and L_d now differ
-        other.v_conv.weight.mul_(1000.0)
-    got = model.refine(batch, text=other)
-    assert (got["conf"][:, 0] - own["conf"][:, 0]).abs().min() > 1e-3  # the scorer decides
+    scorer = MassScorer(model.text).train()
+    got = model.refine(batch, text=scorer)
+    assert scorer.training  # its mode is restored; it scored in eval mode
+    assert (got["conf"][:, 0] - own["conf"][:, 0]).abs().min() > 1e-2  # the scorer decides
     torch.testing.assert_close(got["candidate"], own["candidate"])  # the images do not
+
+
+@pytest.mark.parametrize("score", ["word", "word_vs_negative"])
+def test_refine_weights_follow_the_configured_candidate_score(score):
+    model = tiny_model()
+    model.cfg.jsm_score = score
+    batch = stub_batch()
+    out = model.refine(batch, text=MassScorer(model.text))
+    p = []
+    for m in (batch[schema.LABEL], out["candidate"]):  # by hand, one map at a time
+        logp = torch.log_softmax(MassScorer(model.text)(None, m[None], None)[0], -1)
+        s = logp[torch.arange(len(logp)), batch[schema.WORD]]
+        p.append(s - logp[:, 0] if score == "word_vs_negative" else s)
+    want = torch.softmax(torch.stack(p, 1), dim=1)
+    torch.testing.assert_close(out["conf"], want, atol=1e-6, rtol=1e-6)
+    assert (want[:, 1] - 0.5).abs().max() > 1e-2  # the candidates score differently
 
 
 def test_fit_scorer_single_process_uses_every_sample_and_is_deterministic(tmp_path):
