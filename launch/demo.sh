@@ -19,6 +19,7 @@ TAU="${TAU:-2}"
 ENCODER="${ENCODER:-efficientnet_lite0}"
 BATCH="${BATCH:-8}"
 TEXT_FIT="${TEXT_FIT:-30}"  # text-network epochs on cached features before each refinement
+JSM_SCORE="${JSM_SCORE:-word_vs_negative}"  # JSM candidate score: word_vs_negative | word (reference)
 PORT="${PORT:-$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 
 start=$(date +%s)
@@ -36,7 +37,8 @@ ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes "$NPROC" --nu
   --mixed_precision no --dynamo_backend no --main_process_port "$PORT" \
   -m jsm_dist.train --corpus "$CORPUS/train" --eval_corpus "$CORPUS/test" --out_dir "$RUN" \
   --epochs "$EPOCHS" --tau "$TAU" --model.encoder "$ENCODER" --data.train_size "$IMAGE_SIZE" \
-  --data.batch_size "$BATCH" --data.num_workers 1 --crf true --text_fit_epochs "$TEXT_FIT"
+  --data.batch_size "$BATCH" --data.num_workers 1 --crf true --text_fit_epochs "$TEXT_FIT" \
+  --model.jsm_score "$JSM_SCORE"
 echo "== [3/4] + [4/4] evaluating label generations and the RGB-only model; writing the report"
 python -m jsm_dist.runreport --run "$RUN" --corpus "$CORPUS/train" --eval-corpus "$CORPUS/test"
 echo "== done in $(( $(date +%s) - start )) s: $RUN/report.md"
