@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     from jsm_dist import runreport
 
     table, models, notes = [], [], []
+    # the run report's label columns, less the per-pass ones that do not compare variants
+    cols = [c for c in runreport.LABEL_COLS if c not in ("generation", "L_d better", "change")]
     for name in [v for v in args.variants.split(",") if v]:
         run = out / name
         train_args = [
@@ -129,21 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         runreport.build_report(run, str(root / "test"), run)
         summary = json.loads((run / "summary.json").read_text())
         rows = summary["labels"]
-        for r in rows:
-            table.append(
-                [
-                    name,
-                    r["generation"],
-                    r["Sm"],
-                    r["maxF"],
-                    r["MAE"],
-                    r["fg"],
-                    r.get("w_g mean"),
-                    r.get("w_g std"),
-                    r.get("text conf"),
-                    r.get("favours better"),
-                ]
-            )
+        table += [[name, r["generation"], *(r.get(c) for c in cols)] for r in rows]
         if rows:
             ch = runreport.choose_generation(rows)
             notes.append(
@@ -164,18 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 base.get("MAE"),
             ]
         )
-    hdr = [
-        "variant",
-        "gen",
-        "Sm",
-        "maxF",
-        "MAE",
-        "fg",
-        "w_g mean",
-        "w_g std",
-        "text conf",
-        "favours better",
-    ]
+    hdr = ["variant", "gen", *cols]
     lines = [
         "## Label quality per generation (training split vs GT)",
         "",
