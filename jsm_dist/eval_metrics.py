@@ -104,6 +104,22 @@ def image_stats(pred: np.ndarray, gt: np.ndarray) -> dict:
     }
 
 
+def smeasure_per_image(preds: np.ndarray, gts: np.ndarray) -> np.ndarray:
+    """S-measure of each (pred, gt) pair of two (n, h, w) stacks, float64 (n,): the ``Sm``
+    of :func:`image_stats` (same normalisation) without the other metrics."""
+    import py_sod_metrics as psm
+    from py_sod_metrics.utils import prepare_data
+
+    if len(preds) != len(gts):
+        raise ValueError(f"smeasure_per_image: {len(preds)} preds vs {len(gts)} gts")
+    out = np.empty(len(preds))
+    for i, (pred, gt) in enumerate(zip(preds, gts)):
+        sm = psm.Smeasure(alpha=0.5)
+        sm.step(*prepare_data(*validate_pair(pred, gt)), normalize=False)
+        out[i] = sm.get_results()["sm"]
+    return out
+
+
 # ---------------------------------------------------------------- the accumulator
 @dataclass
 class SODMetrics:
@@ -117,6 +133,7 @@ class SODMetrics:
 
     count: int = 0
     sums: dict = field(default_factory=lambda: {k: 0.0 for k in _SCALARS})
+    sm_per_image: list = field(default_factory=list)  # in the order the images were added
     curve_sums: dict = field(
         default_factory=lambda: {k: np.zeros(NUM_THRESHOLDS) for k in CURVE_KEYS}
     )
@@ -128,6 +145,7 @@ class SODMetrics:
     def add(self, stats: dict) -> None:
         """Add the output of ``image_stats`` (computed here or in another process)."""
         self.count += 1
+        self.sm_per_image.append(stats["Sm"])
         for k in _SCALARS:
             self.sums[k] += stats[k]
         for k in CURVE_KEYS:
@@ -135,6 +153,7 @@ class SODMetrics:
 
     def merge(self, other: SODMetrics) -> None:
         self.count += other.count
+        self.sm_per_image.extend(other.sm_per_image)
         for k in _SCALARS:
             self.sums[k] += other.sums[k]
         for k in CURVE_KEYS:
@@ -176,11 +195,14 @@ def stats_of_pair(pair: tuple[np.ndarray, np.ndarray]) -> dict:
     return image_stats(*pair)
 
 
-def evaluate_pairs(pairs: Iterable[tuple[np.ndarray, np.ndarray]], *, workers: int = 1) -> dict:
+def evaluate_pairs(
+    pairs: Iterable[tuple[np.ndarray, np.ndarray]], *, workers: int = 1, per_image_sm: bool = False
+):
     """Metrics of (pred, gt) pairs, uint8 (H, W) (or float in [0, 1]), same size per pair.
 
     ``workers > 1`` spreads images over a process pool (results are identical).
-    Returns ``SODMetrics.get_results()``.
+    Returns ``SODMetrics.get_results()``; with ``per_image_sm``, also each pair's S-measure
+    (float64 array, in pair order): ``(results, sm)``.
     """
     acc = SODMetrics()
     if workers <= 1:
@@ -192,21 +214,26 @@ def evaluate_pairs(pairs: Iterable[tuple[np.ndarray, np.ndarray]], *, workers: i
         with metric_pool(workers) as pool:
             for stats in pool.map(stats_of_pair, pairs, chunksize=chunk):
                 acc.add(stats)
+    if per_image_sm:
+        return acc.get_results(), np.asarray(acc.sm_per_image, dtype=np.float64)
     return acc.get_results()
 
 
-def evaluate_arrays(preds: np.ndarray, gts: np.ndarray, *, workers: int = 1) -> dict:
+def evaluate_arrays(
+    preds: np.ndarray, gts: np.ndarray, *, workers: int = 1, per_image_sm: bool = False
+):
     """Metrics of stacked maps, e.g. a label-store generation vs GT: (n, h, w) each.
 
     ``preds`` may be uint8 or float in [0, 1]; when its (h, w) differs from the GT's, each
     map is resized to the GT size (bilinear), as the standard toolboxes do.
+    ``per_image_sm``: see :func:`evaluate_pairs`.
     """
     preds, gts = np.asarray(preds), np.asarray(gts)
     if preds.ndim != 3 or gts.ndim != 3 or len(preds) != len(gts):
         raise ValueError(f"need (n, h, w) arrays of equal n, got {preds.shape} and {gts.shape}")
     if preds.shape[1:] != gts.shape[1:]:
         preds = np.stack([resize_to(_to_uint8(p, "pred"), gts.shape[1:]) for p in preds])
-    return evaluate_pairs(zip(preds, gts), workers=workers)
+    return evaluate_pairs(zip(preds, gts), workers=workers, per_image_sm=per_image_sm)
 
 
 def resize_to(pred: np.ndarray, shape: Sequence[int]) -> np.ndarray:

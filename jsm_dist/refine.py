@@ -184,12 +184,16 @@ def refine_labels(
             old_a = np.concatenate([p[0] for p in pairs])[:label_eval_max]
             new_a = np.concatenate([p[1] for p in pairs])[:label_eval_max]
             gt_a = np.concatenate([p[2] for p in pairs])[:label_eval_max]
-            stats.quality_old = _scalar_metrics(evaluate_arrays(old_a, gt_a))
+            q_old, sm_old = evaluate_arrays(old_a, gt_a, per_image_sm=True)
+            stats.quality_old = _scalar_metrics(q_old)
             stats.quality_new = _scalar_metrics(evaluate_arrays(new_a, gt_a))
             if all(p[3] is not None and p[4] is not None for p in pairs):
+                from jsm_dist.eval_metrics import smeasure_per_image
+
                 cand_a = np.concatenate([p[3] for p in pairs])[:label_eval_max]
                 w_d = np.concatenate([p[4] for p in pairs])[:label_eval_max]
-                stats.choice = candidate_choice(old_a, cand_a, gt_a, w_d)
+                sm_cand = smeasure_per_image(cand_a, gt_a)
+                stats.choice = candidate_choice(sm_old, sm_cand, w_d)
         stats.grid = grid
     stats.seconds = time.perf_counter() - t0
     dist.barrier()
@@ -197,29 +201,22 @@ def refine_labels(
 
 
 def candidate_choice(
-    old: np.ndarray, cand: np.ndarray, gt: np.ndarray, w_d: np.ndarray, tie: float = 0.01
+    s_old: np.ndarray, s_cand: np.ndarray, w_d: np.ndarray, tie: float = 0.01
 ) -> dict:
     """Did the update favour the better of its two candidates? (GT diagnostics, #4)
 
-    ``old`` = the current label ``L_g``, ``cand`` = the depth-refined ``L_d`` (uint8 maps
-    (N, h, w)), ``gt`` uint8 masks, ``w_d`` the JSM weight of ``L_d`` (N,). "Better" is by
-    S-measure against GT (not MAE, which rewards shrinking labels). A weight within ``tie``
-    of 0.5 is *undecided* and counted as not favouring the better one. Returns the shares
-    ``favours_better`` (all samples), ``favours_better_decided`` (undecided left out),
-    ``undecided``, ``cand_better`` (base rate: ``L_d`` better), ``favours_cand`` and the
+    ``s_old`` / ``s_cand``: per-sample S-measure against GT of the current label ``L_g`` and
+    of the depth-refined ``L_d`` (``eval_metrics.smeasure_per_image``; by S-measure, not
+    MAE, which rewards shrinking labels); ``w_d`` the JSM weight of ``L_d`` (N,). A weight
+    within ``tie`` of 0.5 is *undecided* and counted as not favouring the better one. Returns
+    the shares ``favours_better`` (all samples), ``favours_better_decided`` (undecided left
+    out), ``undecided``, ``cand_better`` (base rate: ``L_d`` better), ``favours_cand`` and the
     correlation of ``w_d`` with ``S(L_d) - S(L_g)``.
     """
-    import py_sod_metrics as psm
-
     n = len(w_d)
-    if not (len(old) == len(cand) == len(gt) == n) or n == 0:
-        raise ValueError(f"candidate_choice: sizes {len(old)}, {len(cand)}, {len(gt)}, {n}")
-    s = np.empty((2, n))
-    for k, maps in enumerate((old, cand)):
-        for i in range(n):
-            sm = psm.Smeasure()
-            sm.step(maps[i], gt[i])
-            s[k, i] = sm.get_results()["sm"]
+    if not (len(s_old) == len(s_cand) == n) or n == 0:
+        raise ValueError(f"candidate_choice: sizes {len(s_old)}, {len(s_cand)}, {n}")
+    s = np.stack([np.asarray(s_old, np.float64), np.asarray(s_cand, np.float64)])
     w_d = np.asarray(w_d, dtype=np.float64)
     better_d = s[1] > s[0]
     favour_d = w_d > 0.5

@@ -199,12 +199,9 @@ def _u8(m: torch.Tensor) -> np.ndarray:
 
 
 def smeasures(maps: torch.Tensor, gts: torch.Tensor) -> np.ndarray:
-    from py_sod_metrics import Smeasure
+    from jsm_dist.eval_metrics import smeasure_per_image
 
-    sm = Smeasure()
-    for m, g in zip(maps[:, 0], gts[:, 0]):
-        sm.step(_u8(m), _u8(g))
-    return np.asarray(sm.sms, dtype=np.float64)
+    return smeasure_per_image(_u8(maps[:, 0]), _u8(gts[:, 0]))
 
 
 def max_fmeasure(maps: torch.Tensor, gts: torch.Tensor) -> float:

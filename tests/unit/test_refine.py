@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from jsm_dist.eval_metrics import image_stats, smeasure_per_image
 from jsm_dist.refine import candidate_choice
 
 
@@ -18,7 +19,7 @@ def test_candidate_choice_counts_each_case():
     old = np.stack([gt[0], gt[1], wrong, wrong])  # current label right in scenes 0-1
     cand = np.stack([wrong, wrong, gt[2], gt[3]])  # candidate right in scenes 2-3
     w_d = np.array([0.2, 0.6, 0.9, 0.505])  # right, wrong, right, undecided
-    c = candidate_choice(old, cand, gt, w_d)
+    c = candidate_choice(smeasure_per_image(old, gt), smeasure_per_image(cand, gt), w_d)
     assert c["n"] == 4
     assert c["cand_better"] == pytest.approx(0.5)
     assert c["favours_cand"] == pytest.approx(0.75)
@@ -30,6 +31,24 @@ def test_candidate_choice_counts_each_case():
 
 
 def test_candidate_choice_rejects_mismatched_inputs():
-    gt = np.stack([_square(4, 4)] * 3)
     with pytest.raises(ValueError, match="sizes"):
-        candidate_choice(gt, gt, gt, np.full(2, 0.5))
+        candidate_choice(np.ones(3), np.ones(3), np.full(2, 0.5))
+
+
+def test_smeasure_per_image_is_the_evaluators_sm():
+    gt = np.stack([_square(4, 4), _square(10, 2)])
+    pred = np.stack([_square(5, 5), _square(14, 14)])
+    want = [image_stats(p, g)["Sm"] for p, g in zip(pred, gt)]
+    np.testing.assert_allclose(smeasure_per_image(pred, gt), want, rtol=0, atol=1e-12)
+    assert want[0] > want[1]  # the overlapping square scores higher
+
+
+def test_evaluate_arrays_hands_back_the_per_image_sm_it_averaged():
+    from jsm_dist.eval_metrics import evaluate_arrays
+
+    gt = np.stack([_square(4, 4), _square(10, 2), _square(2, 12)])
+    pred = np.stack([_square(5, 5), _square(14, 14), _square(2, 11)])
+    res, sm = evaluate_arrays(pred, gt, per_image_sm=True)
+    np.testing.assert_allclose(sm, smeasure_per_image(pred, gt), rtol=0, atol=1e-12)
+    assert res["Sm"] == pytest.approx(sm.mean())
+    assert res["Sm"] == evaluate_arrays(pred, gt)["Sm"]
