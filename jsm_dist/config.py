@@ -43,8 +43,9 @@ class TrainConfig:
     refine_before_training: bool = False  # one refinement pass before epoch 1
     refine_last_epoch: bool = True  # refine after the final epoch when it is a tau-th epoch
     lr: float = 1e-4  # Adam learning rate for every sub-network (reference: 1e-4)
-    text_lr: float = 0.0  # the text network's own learning rate; 0 = lr (see README: a short
-    # CPU run gives the text network a few hundred steps, the reference ~13k)
+    text_lr: float = 0.0  # the text network's own learning rate; 0 = lr
+    # (a short CPU run gives the text network a few hundred steps, the reference ~13k;
+    # docs/experiments.md, "Text fitting")
     weight_decay: float = 0.0
     text_fit_epochs: int = 0  # > 0: before each refinement, fit a copy of the text network
     # this many epochs on cached pooled features, and score with it (jsm_dist/textfit.py;

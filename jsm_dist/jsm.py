@@ -6,7 +6,7 @@ except :func:`dense_crf`, which is a C++ CRF per image run over a process pool.
 Conventions: saliency/depth *logits* are named ``*_logit``; probabilities / maps in [0, 1]
 are named ``*_prob`` or ``*_map``. ``depth`` follows :mod:`jsm_dist.schema` (1 = near).
 
-Equations (see ``shared/JSM_METHOD.md``):
+Equations (see ``docs/method.md``):
 
 - SSM, paper Eq. 1: ``D_mask = max(F_gauss(S, k), S) * D_map`` with the reference code's
   per-image min-max of the smoothed map and the 0.05 binarisation -> :func:`ssm_depth_mask`.
@@ -147,7 +147,7 @@ def candidate_score(logits: torch.Tensor, word: torch.Tensor, kind: str = "word"
     both, so the reference weights sit at 0.5 whatever the candidates' quality; the odds
     against "negative" keep growing with how little of the region looks like background.
     Measured on the demo run (``jsm_dist.bench.text_signal`` and the refinement pass's
-    ``choice`` statistics; README "Label update scoring").
+    ``choice`` statistics; docs/experiments.md, "Label update scoring").
     """
     if kind not in JSM_SCORES:
         raise ValueError(f"candidate score must be one of {JSM_SCORES}, got {kind!r}")

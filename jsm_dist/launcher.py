@@ -7,7 +7,7 @@ Keeping this in Python makes every command line unit-testable from a fake ``SLUR
 The command is built in :mod:`jsm_dist.launch_command`, the ``SLURM_*`` side is read in
 :mod:`jsm_dist.launch_slurm`; this module holds the CLI and the training side's checks.
 
-Modes (what each one needs, verified on CPU-only machines; see PLATFORM_NOTES.md):
+Modes (what each one needs, verified on CPU-only machines; see docs/platform.md):
 
 * ``cpu``: DDP over gloo. ``accelerate launch --multi_gpu`` (torchrun underneath) plus the
   environment variable ``ACCELERATE_USE_CPU=1``; ``--cpu --num_processes 2`` would start one

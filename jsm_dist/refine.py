@@ -203,7 +203,7 @@ def refine_labels(
 def candidate_choice(
     s_old: np.ndarray, s_cand: np.ndarray, w_d: np.ndarray, tie: float = 0.01
 ) -> dict:
-    """Did the update favour the better of its two candidates? (GT diagnostics, #4)
+    """Did the update favour the better of its two candidates? (GT diagnostics)
 
     ``s_old`` / ``s_cand``: per-sample S-measure against GT of the current label ``L_g`` and
     of the depth-refined ``L_d`` (``eval_metrics.smeasure_per_image``; by S-measure, not

@@ -4,7 +4,7 @@ Why: the JSM weights are only as good as the text network, and a short run starv
 reference trains it for 60 epochs x ~220 steps (~13k steps) before its last updates; the
 demo gives it 48 steps before the first refinement (384 scenes, 2 ranks, batch 8), and there
 it still guesses the masked word at chance: the JSM weights come out at 0.50 +- 0.01, i.e.
-the "weak" update is the text-free one (measured, README "Text fitting").
+the "weak" update is the text-free one (measured: docs/experiments.md, "Text fitting").
 
 What: the text loss never reaches the image networks (the visual feature and the saliency
 map are detached, paper/reference), so training the text network alone with the image

@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _exit_cleanly(code: int) -> None:
-    """Leave without gloo's occasional abort at interpreter shutdown (PLATFORM_NOTES)."""
+    """Leave without gloo's occasional abort at interpreter shutdown (docs/platform.md)."""
     import torch.distributed as td
 
     if td.is_available() and td.is_initialized():

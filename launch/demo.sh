@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The main job end to end on the embedded demo corpus (regenerated deterministically):
+# The main job end to end on the demo corpus (generated deterministically on first use):
 #   pack (synthetic captioned RGB-D scenes, train + held-out test, CDCP labels = generation 0)
-#   -> train with `accelerate launch`, 2 processes on CPU, label refinement every TAU epochs
+#   -> train with `accelerate launch`, 2 processes on CPU, settings from configs/demo.yaml
 #   -> evaluate label generations and the final RGB-only model -> runs/demo/report.md
-# Every knob can be overridden from the environment, e.g. EPOCHS=4 bash launch/demo.sh
+# Every knob can be overridden from the environment, e.g. EPOCHS=4 bash launch/demo.sh:
+# a training variable that is set goes to jsm_dist.train as an override of the config file.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$REPO_ROOT"
@@ -11,15 +12,21 @@ cd "$REPO_ROOT"
 CORPUS="${CORPUS:-shards/demo}"
 RUN="${RUN:-runs/demo}"
 NUM_SAMPLES="${NUM_SAMPLES:-480}"
-IMAGE_SIZE="${IMAGE_SIZE:-128}"
+train_size_override="${IMAGE_SIZE:-}"  # a given IMAGE_SIZE is also the training size
+IMAGE_SIZE="${IMAGE_SIZE:-128}"  # demo corpus side in pixels (configs/demo.yaml trains at 128)
 HOLDOUT="${HOLDOUT:-0.2}"
 NPROC="${NPROC:-2}"
-EPOCHS="${EPOCHS:-6}"
-TAU="${TAU:-2}"
-ENCODER="${ENCODER:-efficientnet_lite0}"
-BATCH="${BATCH:-8}"
-TEXT_FIT="${TEXT_FIT:-30}"  # text-network epochs on cached features before each refinement
-JSM_SCORE="${JSM_SCORE:-word_vs_negative}"  # JSM candidate score: word_vs_negative | word (reference)
+CONFIG="${CONFIG:-configs/demo.yaml}"
+# Training overrides (unset = the value in $CONFIG): EPOCHS, TAU, ENCODER, BATCH, TEXT_FIT (text-network
+# epochs on cached features before each refinement), JSM_SCORE (word_vs_negative | word = reference).
+overrides=()
+[ -n "${EPOCHS:-}" ] && overrides+=(--train.epochs "$EPOCHS")
+[ -n "${TAU:-}" ] && overrides+=(--train.tau "$TAU")
+[ -n "${TEXT_FIT:-}" ] && overrides+=(--train.text_fit_epochs "$TEXT_FIT")
+[ -n "${ENCODER:-}" ] && overrides+=(--model.encoder "$ENCODER")
+[ -n "${JSM_SCORE:-}" ] && overrides+=(--model.jsm_score "$JSM_SCORE")
+[ -n "${BATCH:-}" ] && overrides+=(--data.batch_size "$BATCH")
+[ -n "$train_size_override" ] && overrides+=(--data.train_size "$train_size_override")
 PORT="${PORT:-$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 
 start=$(date +%s)
@@ -31,14 +38,12 @@ else
   echo "== [1/4] demo corpus already packed in $CORPUS (delete it to regenerate)"
 fi
 rm -rf "$RUN"
-echo "== [2/4] training: accelerate launch, $NPROC CPU processes, $EPOCHS epochs, refine every $TAU"
-# CPU DDP: --multi_gpu + ACCELERATE_USE_CPU (torchrun underneath); see PLATFORM_NOTES / launch/train.sh
+echo "== [2/4] training: accelerate launch, $NPROC CPU processes, $CONFIG ${overrides[*]}"
+# CPU DDP: --multi_gpu + ACCELERATE_USE_CPU (torchrun underneath); see docs/platform.md / launch/train.sh
 ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes "$NPROC" --num_machines 1 \
   --mixed_precision no --dynamo_backend no --main_process_port "$PORT" \
-  -m jsm_dist.train --corpus "$CORPUS/train" --eval_corpus "$CORPUS/test" --out_dir "$RUN" \
-  --epochs "$EPOCHS" --tau "$TAU" --model.encoder "$ENCODER" --data.train_size "$IMAGE_SIZE" \
-  --data.batch_size "$BATCH" --data.num_workers 1 --crf true --text_fit_epochs "$TEXT_FIT" \
-  --model.jsm_score "$JSM_SCORE"
+  -m jsm_dist.train --config "$CONFIG" \
+  --corpus "$CORPUS/train" --eval_corpus "$CORPUS/test" --out_dir "$RUN" "${overrides[@]}"
 echo "== [3/4] + [4/4] evaluating label generations and the RGB-only model; writing the report"
 python -m jsm_dist.runreport --run "$RUN" --corpus "$CORPUS/train" --eval-corpus "$CORPUS/test"
 echo "== done in $(( $(date +%s) - start )) s: $RUN/report.md"

@@ -3,9 +3,9 @@
 # one task per node). Thin: every knob is an environment variable with a default, and
 # jsm_dist.launcher turns them into one validated `accelerate launch` command, which it execs.
 # Arguments go to the training module:
-#   launch/train.sh --config configs/demo.yaml --epochs 2
-#   MODE=deepspeed PROCS_PER_NODE=2 launch/train.sh --config configs/demo.yaml
-#   DRY_RUN=1 launch/train.sh --config x.yaml          # print the command only
+#   launch/train.sh --config configs/demo.yaml --corpus shards/demo/train --epochs 2
+#   MODE=deepspeed launch/train.sh --config configs/demo.yaml --corpus shards/demo/train
+#   DRY_RUN=1 launch/train.sh --config configs/demo.yaml --corpus shards/demo/train  # print only
 set -euo pipefail
 REPO_ROOT="${JSM_REPO_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
 cd "$REPO_ROOT"

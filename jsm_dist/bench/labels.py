@@ -27,7 +27,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-# The reference's post-processing, run once per image in its own interpreter (JSM_METHOD.md):
+# The reference's post-processing, run once per image in its own interpreter (docs/method.md):
 # unary -log(p) / (1.05 sigmoid(p)), Gaussian sxy 3 compat 3, bilateral sxy 60 srgb 5
 # compat 5, one mean-field iteration.
 CRF_SCRIPT = r"""

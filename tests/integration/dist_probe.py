@@ -4,7 +4,7 @@ Initialises accelerate the way jsm_dist.train does (jsm_dist.launcher.accelerato
 verify_world), all-reduces rank+1, optionally takes one DeepSpeed/DDP step on a tiny model,
 and writes ``$PROBE_OUT/rank<r>.json`` with what it saw. ``PROBE_HOLD_S`` keeps the first
 run (SLURM_RESTART_COUNT unset or 0) alive after writing ``started<r>`` so a test can signal
-or requeue it. Ends with ``os._exit`` (PLATFORM_NOTES: gloo processes sometimes abort at
+or requeue it. Ends with ``os._exit`` (docs/platform.md: gloo processes sometimes abort at
 interpreter shutdown otherwise).
 """
 

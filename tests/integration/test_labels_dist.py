@@ -218,7 +218,7 @@ def _rank_main(root: str, rank: int, world: int, port: str, mode: str, tmp: str)
         td.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)  # PLATFORM_NOTES: avoids gloo's sporadic abort at interpreter exit
+    os._exit(code)  # docs/platform.md: avoids gloo's sporadic abort at interpreter exit
 
 
 def _reader_main(root: str, stop: str) -> int:

@@ -117,4 +117,4 @@ if __name__ == "__main__":
         code = 1
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)  # PLATFORM_NOTES: gloo processes may abort at interpreter shutdown otherwise
+    os._exit(code)  # docs/platform.md: gloo processes may abort at interpreter shutdown otherwise

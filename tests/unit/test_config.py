@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -90,3 +91,18 @@ def test_text_lr_gives_the_text_network_its_own_group(mode):
 def test_negative_text_lr_is_refused():
     with pytest.raises(ValueError, match="text_lr"):
         parse_cli(["--train.text_lr", "-1"])
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[2] / "configs").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_shipped_configs_resolve(path):
+    """Every file in configs/ loads (no unknown key or bad value) and every value it sets is
+    the one the run gets (launch/demo.sh trains with configs/demo.yaml)."""
+    import yaml
+
+    cfg, _ = parse_cli(["--config", str(path)])
+    resolved = cfg.to_dict()
+    for section, values in yaml.safe_load(path.read_text()).items():
+        for key, value in values.items():
+            assert resolved[section][key] == value, f"{path.name}: {section}.{key}"
