@@ -18,94 +18,117 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from jsm_dist.data.stream import DataConfig
 from jsm_dist.models import ModelConfig
-
-LR_SCHEDULES = ("constant", "cosine")
-MIXED_PRECISION = ("no", "fp16", "bf16")
+from jsm_dist.settings import (
+    above,
+    at_least,
+    check_fields,
+    choices_of,
+    default_of,
+    field_types,
+    help_of,
+    setting,
+)
 
 
 @dataclass
 class TrainConfig:
     """Run-level settings of ``jsm_dist.train``."""
 
-    corpus: str = ""  # packed corpus directory (holds corpus.json and labels/)
-    eval_corpus: str = ""  # optional held-out packed corpus, evaluated at the end
-    out_dir: str = "runs/default"  # run directory: config, checkpoints, logs, report
-    epochs: int = 6  # training epochs
-    tau: int = 2  # refine labels after every tau-th epoch (0 = never)
-    refine_before_training: bool = False  # one refinement pass before epoch 1
-    refine_last_epoch: bool = True  # refine after the final epoch when it is a tau-th epoch
-    lr: float = 1e-4  # Adam learning rate for every sub-network (reference: 1e-4)
-    text_lr: float = 0.0  # the text network's own learning rate; 0 = lr
-    # (a short CPU run gives the text network a few hundred steps, the reference ~13k;
-    # docs/experiments.md, "Text fitting")
-    weight_decay: float = 0.0
-    text_fit_epochs: int = 0  # > 0: before each refinement, fit a copy of the text network
-    # this many epochs on cached pooled features, and score with it (jsm_dist/textfit.py;
-    # 0 = the reference: score with the jointly trained text network as it is)
-    text_fit_lr: float = 1e-3  # Adam learning rate of that fitting
-    text_fit_max_samples: int = 20000  # cap on the samples cached for it (all ranks; whole shards)
-    lr_schedule: str = "constant"  # constant | cosine (with linear warm-up)
-    warmup_steps: int = 0
-    grad_accum: int = 1  # gradient accumulation steps
-    clip_value: float = 0.5  # clip gradients to [-v, v] by value (reference 0.5); 0 = off
-    clip_norm: float = 0.0  # clip by global norm instead (DeepSpeed uses this); 0 = off
-    mixed_precision: str = "no"  # no | fp16 | bf16 (GPU); CPU runs in fp32
-    seed: int = 0
-    checkpoint_every: int = 0  # also checkpoint every N optimizer steps (0 = epoch ends only)
-    keep_checkpoints: int = 2  # newest complete checkpoints kept
-    resume: str = ""  # "" | "latest" | path of a checkpoint directory
-    keep_generations: int = 4  # label-store generations kept on disk
-    label_store: str = "run"  # "run": <out_dir>/labels seeded from the corpus store's
-    # generation init_generation (runs never touch each other's labels) | "corpus": refine the
-    # corpus's own store in place | a directory path (seeded like "run" when empty)
-    init_generation: int = 0  # corpus-store generation a run's labels start from
-    label_eval_max: int = 2000  # samples used to score each label generation vs GT
-    tensorboard: bool = True
-    image_grid_samples: int = 6  # rows of the image grid logged per refinement (0 = off)
-    max_steps_per_epoch: int = 0  # cap steps per epoch (0 = all; for smoke tests)
-    cpu: bool = False  # force CPU even when CUDA exists
+    corpus: str = setting("", "packed corpus directory (holds corpus.json and labels/)")
+    eval_corpus: str = setting(
+        "",
+        "held-out packed corpus: checked at start; the run report (jsm_dist.runreport) "
+        "evaluates the final RGB-only model on it (read from the run's config.json)",
+    )
+    out_dir: str = setting("runs/default", "run directory: config, checkpoints, logs, report")
+    epochs: int = setting(6, "training epochs", check=at_least(1))
+    tau: int = setting(2, "refine labels after every tau-th epoch (0 = never)", check=at_least(0))
+    refine_before_training: bool = setting(False, "one refinement pass before epoch 1")
+    refine_last_epoch: bool = setting(
+        True, "refine after the final epoch when it is a tau-th epoch"
+    )
+    lr: float = setting(
+        1e-4, "Adam learning rate for every sub-network (reference: 1e-4)", check=above(0)
+    )
+    text_lr: float = setting(
+        0.0,
+        "the text network's own learning rate; 0 = lr (a short CPU run gives the text "
+        "network a few hundred steps, the reference about 13k: docs/experiments.md)",
+        check=at_least(0),
+    )
+    weight_decay: float = setting(0.0, "Adam weight decay", check=at_least(0))
+    text_fit_epochs: int = setting(
+        0,
+        "> 0: before each refinement, fit a copy of the text network this many epochs on "
+        "cached pooled features and score the candidates with it (jsm_dist/textfit.py); "
+        "0 = the reference: score with the jointly trained text network as it is",
+        check=at_least(0),
+    )
+    text_fit_lr: float = setting(1e-3, "Adam learning rate of the text fitting", check=above(0))
+    text_fit_max_samples: int = setting(
+        20000,
+        "cap on the samples cached for the text fitting (all ranks; whole shards; 0 = all)",
+        check=at_least(0),
+    )
+    lr_schedule: Literal["constant", "cosine"] = setting(
+        "constant", "learning-rate schedule (cosine: with linear warm-up)"
+    )
+    warmup_steps: int = setting(0, "linear warm-up, optimizer steps", check=at_least(0))
+    grad_accum: int = setting(1, "gradient accumulation steps", check=at_least(1))
+    clip_value: float = setting(
+        0.5,
+        "clip gradients to [-v, v] by value, in training and text fitting (reference 0.5); 0 = off",
+        check=at_least(0),
+    )
+    clip_norm: float = setting(
+        0.0, "clip by global norm instead (DeepSpeed uses this); 0 = off", check=at_least(0)
+    )
+    mixed_precision: Literal["no", "fp16", "bf16"] = setting(
+        "no", "mixed precision (GPU); CPU runs in fp32"
+    )
+    seed: int = setting(0, "seed of initialisation, data order and augmentation")
+    checkpoint_every: int = setting(
+        0, "also checkpoint every N optimizer steps (0 = epoch ends only)", check=at_least(0)
+    )
+    keep_checkpoints: int = setting(2, "newest complete checkpoints kept", check=at_least(1))
+    resume: str = setting("", '"" (fresh) | "latest" | path of a checkpoint directory')
+    keep_generations: int = setting(
+        4,
+        "label-store generations kept on disk (>= 2: resume may roll back one generation)",
+        check=at_least(2),
+    )
+    label_store: str = setting(
+        "run",
+        '"run": <out_dir>/labels seeded from the corpus store\'s generation init_generation '
+        "(runs never touch each other's labels) | \"corpus\": refine the corpus's own store in "
+        "place | a directory path (seeded like run when empty)",
+    )
+    init_generation: int = setting(
+        0, "corpus-store generation a run's labels start from", check=at_least(0)
+    )
+    label_eval_max: int = setting(
+        2000, "samples used to score each label generation against GT", check=at_least(0)
+    )
+    tensorboard: bool = setting(True, "write TensorBoard scalars and image grids")
+    image_grid_samples: int = setting(
+        6, "rows of the image grid logged per refinement (0 = off)", check=at_least(0)
+    )
+    max_steps_per_epoch: int = setting(
+        0, "cap on steps per epoch (0 = all; for smoke tests)", check=at_least(0)
+    )
+    cpu: bool = setting(False, "force CPU even when CUDA exists")
 
     def __post_init__(self) -> None:
-        _check(self.epochs >= 1, "train.epochs", self.epochs, "must be >= 1")
-        _check(self.tau >= 0, "train.tau", self.tau, "must be >= 0")
-        _check(self.lr > 0, "train.lr", self.lr, "must be > 0")
-        _check(self.text_lr >= 0, "train.text_lr", self.text_lr, "must be >= 0 (0 = lr)")
-        _check(self.text_fit_epochs >= 0, "train.text_fit_epochs", self.text_fit_epochs, ">= 0")
-        _check(self.text_fit_lr > 0, "train.text_fit_lr", self.text_fit_lr, "must be > 0")
-        _check(
-            self.text_fit_max_samples >= 0,
-            "train.text_fit_max_samples",
-            self.text_fit_max_samples,
-            ">= 0 (0 = all)",
-        )
-        _check(self.grad_accum >= 1, "train.grad_accum", self.grad_accum, "must be >= 1")
-        _check(self.clip_value >= 0, "train.clip_value", self.clip_value, "must be >= 0")
-        _check(self.clip_norm >= 0, "train.clip_norm", self.clip_norm, "must be >= 0")
-        _check(
-            self.lr_schedule in LR_SCHEDULES, "train.lr_schedule", self.lr_schedule, LR_SCHEDULES
-        )
-        _check(
-            self.mixed_precision in MIXED_PRECISION,
-            "train.mixed_precision",
-            self.mixed_precision,
-            MIXED_PRECISION,
-        )
-        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, ">= 1")
-        _check(
-            self.keep_generations >= 2,
-            "train.keep_generations",
-            self.keep_generations,
-            "must be >= 2 (resume may need to roll back one generation)",
-        )
-        _check(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every, ">= 0")
+        check_fields(self, "train")
 
 
 @dataclass
@@ -125,25 +148,16 @@ class Config:
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 
 
-def _check(ok: bool, key: str, value: Any, what: Any) -> None:
-    if not ok:
-        hint = f"one of {what}" if isinstance(what, tuple) else what
-        raise ValueError(f"invalid setting {key}={value!r}: {hint}")
-
-
 def _section_types() -> dict[str, type]:
     hints = typing.get_type_hints(Config)
     return {name: hints[name] for name in SECTIONS}
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
 def _coerce(key: str, raw: Any, typ: Any) -> Any:
     """Turn a CLI string / file value into ``typ`` (bool, int, float, str, Optional, tuple, list)."""
     origin = typing.get_origin(typ)
+    if origin is Literal:  # choices are checked by the dataclass (settings.check_fields)
+        return _coerce(key, raw, type(typing.get_args(typ)[0]))
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(typ) if a is not type(None)]
         if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null", "")):
@@ -190,7 +204,8 @@ def _load_file(path: str) -> dict:
     else:
         data = json.loads(text)
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+        # a user's file with the wrong content: reported like every other bad setting
+        raise ValueError(f"{path}: expected a mapping of sections, got {type(data).__name__}")  # noqa: TRY004
     return data
 
 
@@ -220,13 +235,13 @@ def build_config(
 ) -> Config:
     """Merge file values and ``key -> value`` overrides over the defaults; validate."""
     sec_types = _section_types()
-    fields = {s: _field_types(t) for s, t in sec_types.items()}
+    fields = {s: field_types(t) for s, t in sec_types.items()}
     values: dict[str, dict[str, Any]] = {s: {} for s in sec_types}
     for sec, body in (file_values or {}).items():
         if sec not in sec_types:
             raise ValueError(f"unknown config section {sec!r}; sections: {sorted(sec_types)}")
         if not isinstance(body, dict):
-            raise ValueError(f"config section {sec!r} must be a mapping")
+            raise ValueError(f"config section {sec!r} must be a mapping")  # noqa: TRY004
         for name, raw in body.items():
             s, n = _resolve_key(f"{sec}.{name}", fields)
             values[s][n] = _coerce(f"{s}.{n}", raw, fields[s][n])
@@ -268,7 +283,7 @@ def parse_cli(argv: list[str]) -> tuple[Config, dict[str, Any]]:
 
 
 def help_text() -> str:
-    """Every setting with its default, grouped by section (for ``--help``)."""
+    """Every setting with its default and help, grouped by section (for ``--help``)."""
     lines = [
         "usage: python -m jsm_dist.train [--config FILE.{json,yaml}] [--section.key VALUE ...]",
         "",
@@ -276,31 +291,12 @@ def help_text() -> str:
     ]
     for sec, typ in _section_types().items():
         lines.append(f"\n[{sec}]  ({typ.__name__})")
-        doc_comments = _field_comments(typ)
+        hints = field_types(typ)
         for f in dataclasses.fields(typ):
-            default = (
-                f.default
-                if f.default is not dataclasses.MISSING
-                else (f.default_factory() if f.default_factory is not dataclasses.MISSING else "")
+            choices = choices_of(hints[f.name])
+            allowed = f"  {{{' | '.join(map(str, choices))}}}" if choices else ""
+            lines.append(f"  --{sec}.{f.name} = {default_of(f)!r}{allowed}")
+            lines.extend(
+                textwrap.wrap(help_of(f), 92, initial_indent=" " * 6, subsequent_indent=" " * 6)
             )
-            note = doc_comments.get(f.name, "")
-            lines.append(f"  --{sec}.{f.name} = {default!r}" + (f"    # {note}" if note else ""))
     return "\n".join(lines)
-
-
-def _field_comments(cls: type) -> dict[str, str]:
-    """The trailing ``# comment`` of each field in the class source, as its help text."""
-    import inspect
-
-    try:
-        src = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    out = {}
-    for line in src.splitlines():
-        s = line.strip()
-        if ":" in s and "#" in s and not s.startswith("#"):
-            name = s.split(":", 1)[0].strip()
-            if name.isidentifier():
-                out[name] = s.split("#", 1)[1].strip()
-    return out

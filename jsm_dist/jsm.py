@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import atexit
 import math
+import typing
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -134,7 +136,8 @@ def word_log_prob(logits: torch.Tensor, word: torch.Tensor) -> torch.Tensor:
     return logp.gather(-1, idx).squeeze(-1)
 
 
-JSM_SCORES = ("word", "word_vs_negative")
+JsmScore = Literal["word", "word_vs_negative"]
+JSM_SCORES = typing.get_args(JsmScore)
 
 
 def candidate_score(logits: torch.Tensor, word: torch.Tensor, kind: str = "word") -> torch.Tensor:

@@ -205,6 +205,8 @@ def build_report(run: Path, eval_corpus: str | None, out: Path) -> Path:
     md = [f"# Run report: {run}", ""]
     cfg_path = run / "config.json"
     cfg = build_config(json.loads(cfg_path.read_text())) if cfg_path.is_file() else None
+    if not eval_corpus and cfg is not None:
+        eval_corpus = cfg.train.eval_corpus or None  # the corpus the run was started with
     if cfg is not None:
         t = cfg.train
         md += [
@@ -328,7 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--run", required=True, help="training run directory (holds metrics.jsonl)")
     p.add_argument("--corpus", default="", help="training corpus (informational)")
-    p.add_argument("--eval-corpus", default="", help="held-out packed corpus with GT")
+    p.add_argument(
+        "--eval-corpus",
+        default="",
+        help="held-out packed corpus with GT (default: the run's train.eval_corpus)",
+    )
     p.add_argument("--out", default="", help="report directory (default: the run directory)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")

@@ -19,7 +19,7 @@ The sample id is the pair (``shard``, ``index``): the label store is addressed b
 
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import Literal, TypedDict
 
 # ---- tensors (float32 unless noted) -------------------------------------------------
 RGB = "rgb"  # (3, H, W) in [0, 1], not mean/std normalised (the model normalises)
@@ -44,6 +44,7 @@ NEGATIVE_WORD = "<negative>"
 
 NEAR_IS_LARGE = "near_is_large"
 FAR_IS_LARGE = "far_is_large"
+DepthConvention = Literal["near_is_large", "far_is_large"]
 DEPTH_CONVENTIONS = (NEAR_IS_LARGE, FAR_IS_LARGE)
 
 

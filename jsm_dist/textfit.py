@@ -195,11 +195,13 @@ def fit_scorer(
     lr: float,
     seed: int,
     max_samples: int = 0,
+    clip: float | None = None,
 ) -> tuple[TSM, FitStats]:
     """Collective: every rank caches, rank 0 fits, every rank gets the fitted scorer.
 
     ``model`` is the unwrapped weak-mode ``JSMModel``. ``max_samples`` caps the cache over
-    all ranks, split evenly and rounded up to whole shards (0 = every sample).
+    all ranks, split evenly and rounded up to whole shards (0 = every sample). ``clip``:
+    gradient value clipping of the fit (the run's ``train.clip_value``; None = off).
     """
     world = dist.world_info()
     per_rank = -(-max_samples // world.world_size) if max_samples > 0 else 0
@@ -220,7 +222,7 @@ def fit_scorer(
             epochs=epochs,
             lr=lr,
             seed=seed,
-            clip=model.cfg.grad_clip,
+            clip=clip,
         )
         state = {k: v.cpu() for k, v in fitted.state_dict().items()}
         log.info(

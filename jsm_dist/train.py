@@ -211,6 +211,7 @@ def run(cfg: Config) -> TrainState:
                 lr=cfg.train.text_fit_lr,
                 seed=dist.derive_seed(cfg.train.seed, 7, state.refinements),
                 max_samples=cfg.train.text_fit_max_samples,
+                clip=cfg.train.clip_value or None,
             )
         stats = refine_labels(
             raw_model,

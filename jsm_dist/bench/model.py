@@ -37,7 +37,10 @@ import torch
 import torch.nn.functional as F
 
 from jsm_dist import schema
+from jsm_dist.config import TrainConfig
 from jsm_dist.models import JSMModel, ModelConfig, clip_grad_value
+
+REFERENCE_CLIP = TrainConfig().clip_value  # gradient value clipping of the reference (0.5)
 
 VOCAB = ["<negative>", "ball", "ring", "square", "triangle", "star", "heart", "arrow", "hexagon"]
 
@@ -144,7 +147,7 @@ def combined_step(model: JSMModel, opt: torch.optim.Optimizer, batch: dict) -> d
     opt.zero_grad()
     out = model(batch)
     out["loss"].backward()
-    model.clip_gradients()
+    model.clip_gradients(REFERENCE_CLIP)
     opt.step()
     return {k: float(v.detach()) for k, v in out.items()}
 
@@ -160,7 +163,7 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     cfg = ModelConfig(encoder=args.encoder, crf=False, text_model=args.text_model)
     model = JSMModel(cfg, VOCAB)
-    four = FourModuleTrainer(model, args.lr, cfg.grad_clip)
+    four = FourModuleTrainer(model, args.lr, REFERENCE_CLIP)
     opt = torch.optim.Adam(model.param_groups(args.lr))
     batch = make_batch(args.batch, args.size)
     model.train()

@@ -40,7 +40,10 @@ import numpy as np
 import torch
 
 from jsm_dist import jsm, schema
+from jsm_dist.config import TrainConfig
 from jsm_dist.models import JSMModel, ModelConfig
+
+REFERENCE_CLIP = TrainConfig().clip_value  # gradient value clipping of the reference (0.5)
 
 log = logging.getLogger("jsm_dist.bench.text_signal")
 
@@ -105,7 +108,7 @@ def train(
             opt.zero_grad()
             out = model(b)
             out["loss"].backward()
-            model.clip_gradients()
+            model.clip_gradients(REFERENCE_CLIP)
             opt.step()
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
@@ -138,7 +141,7 @@ def train_text_cached(model: JSMModel, data: dict, epochs: int, batch: int, lr: 
         lr=lr,
         batch_size=batch,
         seed=seed + 1,
-        clip=model.cfg.grad_clip,
+        clip=REFERENCE_CLIP,
     )
     log.info(
         "text fitting: %d epochs, loss_txt %.4f -> %.4f (%.1fs)",

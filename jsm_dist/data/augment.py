@@ -20,24 +20,33 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from jsm_dist.settings import check_fields, setting, within
+
 
 @dataclass
 class AugmentConfig:
-    """Which augmentations run (train loader only; evaluation uses identity geometry)."""
+    """Which augmentations run (train loader only; evaluation uses identity geometry).
 
-    flip: bool = True  # random horizontal flip, p = 0.5
-    crop: float = 0.1  # random crop keeps between (1 - crop) and 1 of each side
-    rotate_deg: float = 15.0  # max rotation angle, degrees
-    rotate_prob: float = 0.2  # probability of rotating (reference: 0.2)
-    color_jitter: bool = True  # brightness/contrast/saturation/sharpness on RGB only
+    ``DataConfig`` (the ``data`` section of a run) extends this class, so these fields are
+    declared once and set as ``--data.flip``, ``--data.crop``, ...
+    """
+
+    flip: bool = setting(True, "random horizontal flip, p = 0.5")
+    crop: float = setting(
+        0.1,
+        "random crop keeps between (1 - crop) and 1 of each side",
+        check=within(0.0, 1.0, hi_open=True),
+    )
+    rotate_deg: float = setting(15.0, "max rotation angle, degrees", check=within(0.0, 90.0))
+    rotate_prob: float = setting(
+        0.2, "probability of a rotation (reference: 0.2)", check=within(0.0, 1.0)
+    )
+    color_jitter: bool = setting(
+        True, "brightness/contrast/saturation/sharpness jitter on RGB only"
+    )
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.crop < 1.0:
-            raise ValueError(f"crop must be in [0, 1), got {self.crop!r}")
-        if not 0.0 <= self.rotate_deg <= 90.0:
-            raise ValueError(f"rotate_deg must be in [0, 90], got {self.rotate_deg!r}")
-        if not 0.0 <= self.rotate_prob <= 1.0:
-            raise ValueError(f"rotate_prob must be in [0, 1], got {self.rotate_prob!r}")
+        check_fields(self, "augment")
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -58,12 +59,11 @@ from jsm_dist.data.shard_writer import (
     sanitize_key,
     write_tar,
 )
+from jsm_dist.settings import above, add_arguments, at_least, check_fields, setting, within
 
 # Encoding, tar writing, the pool task and corpus finalisation live in shard_writer; they
 # are re-exported here, where callers (tests/helpers.py, benchmarks) import them from.
 __all__ = [
-    "RGB_FORMATS",
-    "SOURCES",
     "PackConfig",
     "PackResult",
     "build_parser",
@@ -83,55 +83,55 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("synth", "caps", "benchmark")
-RGB_FORMATS = ("jpg", "png")
-
 
 @dataclass
 class PackConfig:
-    """Everything a pack run needs (one field per CLI option)."""
+    """Everything a pack run needs: one field per ``jsm-pack`` option (the parser is built
+    from these declarations)."""
 
-    source: str  # synth | caps | benchmark
-    out: str  # output corpus directory (with --holdout: parent of train/ and test/)
-    input: str = ""  # source folder (caps, benchmark)
-    name: str = ""  # corpus name; default: the output folder's name
-    samples_per_shard: int = 256  # records per shard (the last shard of a task may hold fewer)
-    max_shard_mb: float = 512.0  # a shard never grows beyond this many MiB (rolls over)
-    label_size: int = 0  # square label-store side; 0 = min(256, image side)
-    resize: int = 0  # store every image resized to SxS; 0 = keep the source size
-    rgb_format: str = "jpg"  # jpg (source JPEGs are stored untouched) | png (lossless)
-    jpeg_quality: int = 90
-    depth_convention: str = schema.NEAR_IS_LARGE  # orientation of the raw depth values
-    workers: int = 0  # pack processes; 0 = one per CPU
-    holdout: float = 0.0  # fraction of records for <out>/test (0 = one corpus in <out>)
-    split_seed: int = 0  # seed of the holdout split
-    keep_generations: int = 3  # label-store retention
-    overwrite: bool = False  # replace a corpus already in --out
-    progress: bool = True  # tqdm progress bar
-    num_samples: int = 1000  # synth: number of scenes
-    image_size: int = 128  # synth: scene side in pixels
-    seed: int = 0  # synth: generator seed
+    source: Literal["synth", "caps", "benchmark"] = setting(
+        help="synth (the generator) | caps (captioned folder) | benchmark (RGB-D SOD folder)"
+    )
+    out: str = setting(help="output corpus directory (with --holdout: parent of train/ and test/)")
+    input: str = setting("", "source folder (caps, benchmark)")
+    name: str = setting("", "corpus name (default: the output folder's name)")
+    samples_per_shard: int = setting(
+        256, "records per shard (the last shard of a task may hold fewer)", check=at_least(1)
+    )
+    max_shard_mb: float = setting(
+        512.0, "a shard never grows beyond this many MiB (rolls over)", check=above(0)
+    )
+    label_size: int = setting(
+        0, "square label-store side in pixels; 0 = min(256, image side)", check=at_least(0)
+    )
+    resize: int = setting(
+        0, "store every image resized to SxS; 0 = keep the source size", check=at_least(0)
+    )
+    rgb_format: Literal["jpg", "png"] = setting(
+        "jpg", "RGB member format: jpg (source JPEGs are stored untouched) | png (lossless)"
+    )
+    jpeg_quality: int = setting(90, "JPEG quality when re-encoding", check=within(1, 100))
+    depth_convention: schema.DepthConvention = setting(
+        schema.NEAR_IS_LARGE, "orientation of the raw depth values"
+    )
+    workers: int = setting(0, "pack processes; 0 = one per CPU", check=at_least(0))
+    holdout: float = setting(
+        0.0,
+        "fraction of records held out: writes OUT/train and OUT/test instead of OUT",
+        check=within(0.0, 1.0, hi_open=True),
+    )
+    split_seed: int = setting(0, "seed of the holdout split")
+    keep_generations: int = setting(3, "label-store generations kept", check=at_least(2))
+    overwrite: bool = setting(False, "replace a corpus already in --out")
+    progress: bool = setting(True, "show a progress bar")
+    num_samples: int = setting(1000, "synth: number of scenes", check=at_least(1))
+    image_size: int = setting(128, "synth: scene side in pixels", check=at_least(8))
+    seed: int = setting(0, "synth: generator seed")
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.source in SOURCES, "source", f"one of {SOURCES}"),
-            (self.source == "synth" or bool(self.input), "input", "required for folder sources"),
-            (self.samples_per_shard >= 1, "samples_per_shard", ">= 1"),
-            (self.max_shard_mb > 0, "max_shard_mb", "> 0"),
-            (self.label_size >= 0, "label_size", ">= 0"),
-            (self.resize >= 0, "resize", ">= 0"),
-            (self.rgb_format in RGB_FORMATS, "rgb_format", f"one of {RGB_FORMATS}"),
-            (1 <= self.jpeg_quality <= 100, "jpeg_quality", "in [1, 100]"),
-            (self.depth_convention in schema.DEPTH_CONVENTIONS, "depth_convention", "valid"),
-            (self.workers >= 0, "workers", ">= 0"),
-            (0.0 <= self.holdout < 1.0, "holdout", "in [0, 1)"),
-            (self.keep_generations >= 2, "keep_generations", ">= 2"),
-            (self.num_samples >= 1, "num_samples", ">= 1"),
-            (self.image_size >= 8, "image_size", ">= 8"),
-        ]
-        for ok, name, what in checks:
-            if not ok:
-                raise ValueError(f"invalid pack setting {name}={getattr(self, name)!r}: {what}")
+        check_fields(self, "pack")
+        if self.source != "synth" and not self.input:
+            raise ValueError(f"invalid pack setting input='': required for source {self.source}")
 
 
 @dataclass
@@ -260,51 +260,41 @@ def _summary(results: list[PackResult]) -> str:
     return "\n".join(lines)
 
 
+OUTPUT_OPTIONS = (
+    "out",
+    "name",
+    "samples_per_shard",
+    "max_shard_mb",
+    "label_size",
+    "resize",
+    "rgb_format",
+    "jpeg_quality",
+    "depth_convention",
+    "workers",
+    "holdout",
+    "split_seed",
+    "keep_generations",
+    "overwrite",
+    "progress",
+)
+SYNTH_OPTIONS = ("num_samples", "image_size", "seed")
+FOLDERS = {
+    "caps": "CapS-style folder (RGB/ depth/ [GT/] CapS.csv)",
+    "benchmark": "RGB-D SOD benchmark folder (RGB/ depth/ GT/)",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """``jsm-pack SOURCE [options]``: every option comes from a PackConfig declaration."""
     common = argparse.ArgumentParser(add_help=False)
-    g = common.add_argument_group("output")
-    g.add_argument("--out", required=True, help="output corpus directory")
-    g.add_argument("--name", default="", help="corpus name (default: output folder name)")
-    g.add_argument("--samples-per-shard", type=int, default=256, help="records per shard")
-    g.add_argument("--max-shard-mb", type=float, default=512.0, help="shard size bound in MiB")
-    g.add_argument(
-        "--label-size",
-        type=int,
-        default=0,
-        help="label-store side in pixels (0 = min(256, image side))",
-    )
-    g.add_argument("--resize", type=int, default=0, help="store images resized to SxS (0 = as is)")
-    g.add_argument("--rgb-format", choices=RGB_FORMATS, default="jpg", help="RGB member format")
-    g.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality when re-encoding")
-    g.add_argument(
-        "--depth-convention",
-        choices=schema.DEPTH_CONVENTIONS,
-        default=schema.NEAR_IS_LARGE,
-        help="orientation of the raw depth values",
-    )
-    g.add_argument("--workers", type=int, default=0, help="pack processes (0 = one per CPU)")
-    g.add_argument(
-        "--holdout",
-        type=float,
-        default=0.0,
-        help="fraction held out: writes OUT/train and OUT/test instead of OUT",
-    )
-    g.add_argument("--split-seed", type=int, default=0, help="seed of the holdout split")
-    g.add_argument("--keep-generations", type=int, default=3, help="label generations kept")
-    g.add_argument("--overwrite", action="store_true", help="replace a corpus already in --out")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_arguments(common.add_argument_group("output"), PackConfig, OUTPUT_OPTIONS, required={"out"})
     p = argparse.ArgumentParser(prog="jsm-pack", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="source", required=True, metavar="SOURCE")
     s = sub.add_parser("synth", parents=[common], help="the synthetic generator")
-    s.add_argument("--num-samples", type=int, default=1000, help="number of scenes")
-    s.add_argument("--image-size", type=int, default=128, help="scene side in pixels")
-    s.add_argument("--seed", type=int, default=0, help="generator seed")
-    for src, what in (
-        ("caps", "CapS-style folder (RGB/ depth/ [GT/] CapS.csv)"),
-        ("benchmark", "RGB-D SOD benchmark folder (RGB/ depth/ GT/)"),
-    ):
+    add_arguments(s, PackConfig, SYNTH_OPTIONS)
+    for src, what in FOLDERS.items():
         f = sub.add_parser(src, parents=[common], help=what)
-        f.add_argument("--input", required=True, help=what)
+        add_arguments(f, PackConfig, ("input",), required={"input"})
     return p
 
 

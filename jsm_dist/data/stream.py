@@ -65,6 +65,7 @@ import multiprocessing
 import random
 from collections import Counter
 from dataclasses import dataclass
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -84,58 +85,43 @@ from jsm_dist.data.batching import (
     rows,
 )
 from jsm_dist.data.corpus import Corpus
+from jsm_dist.settings import at_least, check_fields, setting
 
 log = logging.getLogger(__name__)
 
-START_METHODS = ("fork", "forkserver", "spawn")
-
 
 @dataclass
-class DataConfig:
-    """Loader settings (the ``data`` section of a run config)."""
+class DataConfig(augment.AugmentConfig):
+    """Loader settings (the ``data`` section of a run config); the augmentation fields
+    (flip, crop, rotate_deg, rotate_prob, color_jitter) come from ``AugmentConfig``."""
 
-    train_size: int = 256  # side of the square images in a batch, pixels
-    batch_size: int = 8  # samples per batch per rank
-    num_workers: int = 2  # loader processes per rank (0 = main process); <= shards per rank
-    shuffle_buffer: int = 256  # training shuffle buffer, samples (0 or 1 = shard order only)
-    augment: bool = True  # training augmentation on/off (evaluation never augments)
-    flip: bool = True  # random horizontal flip
-    crop: float = 0.1  # random crop keeps (1 - crop) .. 1 of each side
-    rotate_deg: float = 15.0  # max rotation, degrees
-    rotate_prob: float = 0.2  # probability of a rotation (reference: 0.2)
-    color_jitter: bool = True  # brightness/contrast/saturation/sharpness on RGB only
-    read_labels: bool = True  # read LABEL from the label store (False: zeros)
-    prefetch_factor: int = 2  # batches prefetched per worker
-    pin_memory: bool = False  # pin batch memory (CUDA training)
-    start_method: str = "fork"  # worker processes: fork (fast start) | forkserver | spawn
-    # training batches keep integer images (rgb/label/gt uint8, depth uint16); the training
-    # step converts them with batching.to_float(batch, device) after the move (free on a
-    # GPU, and off the loader's cores). False: float32 from the loader. Evaluation loaders
-    # always hand out float32.
-    float_on_device: bool = True
+    train_size: int = setting(
+        256, "side of the square images in a batch, pixels", check=at_least(8)
+    )
+    batch_size: int = setting(8, "samples per batch per rank", check=at_least(1))
+    num_workers: int = setting(
+        2, "loader processes per rank (0 = main process); <= shards per rank", check=at_least(0)
+    )
+    shuffle_buffer: int = setting(
+        256, "training shuffle buffer, samples (0 or 1 = shard order only)", check=at_least(0)
+    )
+    augment: bool = setting(True, "training augmentation on/off (evaluation never augments)")
+    read_labels: bool = setting(True, "read the label from the label store (False: zeros)")
+    prefetch_factor: int = setting(2, "batches prefetched per worker", check=at_least(1))
+    pin_memory: bool = setting(False, "pin batch memory (CUDA training)")
+    start_method: Literal["fork", "forkserver", "spawn"] = setting(
+        "fork", "how loader worker processes start (fork: fast start)"
+    )
+    float_on_device: bool = setting(
+        True,
+        "training batches keep integer images (rgb/label/gt uint8, depth uint16) and the "
+        "training step makes them float after the move to the device (free on a GPU, off the "
+        "loader's cores); False: float32 from the loader. Evaluation loaders always hand out "
+        "float32",
+    )
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.train_size >= 8, "train_size", ">= 8"),
-            (self.batch_size >= 1, "batch_size", ">= 1"),
-            (self.num_workers >= 0, "num_workers", ">= 0"),
-            (self.shuffle_buffer >= 0, "shuffle_buffer", ">= 0"),
-            (self.prefetch_factor >= 1, "prefetch_factor", ">= 1"),
-            (self.start_method in START_METHODS, "start_method", f"one of {START_METHODS}"),
-        ]
-        for ok, name, what in checks:
-            if not ok:
-                raise ValueError(f"invalid setting data.{name}={getattr(self, name)!r}: {what}")
-        self.augment_config()  # validates crop / rotation ranges
-
-    def augment_config(self) -> augment.AugmentConfig:
-        return augment.AugmentConfig(
-            flip=self.flip,
-            crop=self.crop,
-            rotate_deg=self.rotate_deg,
-            rotate_prob=self.rotate_prob,
-            color_jitter=self.color_jitter,
-        )
+        check_fields(self, "data")
 
 
 # ---- shard assignment -----------------------------------------------------------------
@@ -243,7 +229,6 @@ class _ShardStream(IterableDataset):
         self._decoder = decode_one
         base = dist.derive_seed(self.seed, self.rank, worker, self.epoch)
         aug_rng = np.random.default_rng(dist.derive_seed(base, 1))
-        aug_cfg = cfg.augment_config()
         augmenting = self.train and cfg.augment
         jitter = augmenting and cfg.color_jitter
         out_hw = (cfg.train_size, cfg.train_size)
@@ -254,7 +239,7 @@ class _ShardStream(IterableDataset):
 
         def fill(sample: dict, rows: dict) -> None:
             """Joint augmentation (train) + resize to train size, into the batch's rows."""
-            geom = augment.sample_geometry(aug_rng, aug_cfg) if augmenting else augment.IDENTITY
+            geom = augment.sample_geometry(aug_rng, cfg) if augmenting else augment.IDENTITY
             augment.apply_into(sample, rows, geom, aug_rng, jitter, scratch)
 
         ring = self.ring if info is not None else None

@@ -19,12 +19,15 @@ counts at strides 8/16/32.
 from __future__ import annotations
 
 import copy
+import typing
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
-ENCODERS = ("efficientnet_lite0", "resnet50", "tiny")
+Encoder = Literal["efficientnet_lite0", "resnet50", "tiny"]
+ENCODERS = typing.get_args(Encoder)
 
 
 @dataclass

@@ -277,10 +277,10 @@ class JSMModel(nn.Module):
                 groups.append({"params": params, "lr": overrides.get(name, lr), "name": name})
         return groups
 
-    def clip_gradients(self, clip: float | None = None) -> None:
-        """Clamp every gradient to [-clip, clip] by value (reference ``clip_gradient``);
-        ``clip`` defaults to ``cfg.grad_clip``; no-op when both are None."""
-        clip_grad_value(self.parameters(), self.cfg.grad_clip if clip is None else clip)
+    def clip_gradients(self, clip: float | None) -> None:
+        """Clamp every gradient to [-clip, clip] by value (reference ``clip_gradient``, the
+        run's ``train.clip_value``); no-op when ``clip`` is None."""
+        clip_grad_value(self.parameters(), clip)
 
 
 def clip_grad_value(params, clip: float | None) -> None:

@@ -6,18 +6,28 @@ from jsm_dist.runreport import choose_generation, label_rows, plot_label_quality
 
 def _event(gen, s_old, s_new, conf, fg_new=0.1):
     return {
-        "kind": "event", "name": "refine", "generation": gen, "seconds": 2.0,
+        "kind": "event",
+        "name": "refine",
+        "generation": gen,
+        "seconds": 2.0,
         "quality_old": {"Sm": s_old, "maxF": s_old - 0.1, "MAE": 0.1},
         "quality_new": {"Sm": s_new, "maxF": s_new - 0.1, "MAE": 0.09},
-        "fg_old": 0.1, "fg_new": fg_new, "w_g_mean": 0.6, "w_g_std": 0.1,
-        "text_conf": conf, "mean_abs_change": 0.02,
+        "fg_old": 0.1,
+        "fg_new": fg_new,
+        "w_g_mean": 0.6,
+        "w_g_std": 0.1,
+        "text_conf": conf,
+        "mean_abs_change": 0.02,
         "choice": {"favours_better": 0.25 * gen, "cand_better": 0.3},
     }
 
 
 def test_label_rows_from_refine_events(tmp_path):
-    recs = [{"kind": "step", "step": 1, "loss": 1.0, "samples": 8, "step_time": 2.0,
-             "data_time": 0.5}, _event(1, 0.70, 0.74, 0.3), _event(2, 0.74, 0.72, 0.5)]
+    recs = [
+        {"kind": "step", "step": 1, "loss": 1.0, "samples": 8, "step_time": 2.0, "data_time": 0.5},
+        _event(1, 0.70, 0.74, 0.3),
+        _event(2, 0.74, 0.72, 0.5),
+    ]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
     rows = label_rows(read_log(tmp_path))
     assert [r["generation"] for r in rows] == [0, 1, 2]
