@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jsm_dist import jsm, schema
+from jsm_dist.fileperm import file_mode
 from jsm_dist.models.config import ModelConfig
 from jsm_dist.models.saliency import CPDNet
 from jsm_dist.models.ssm import SSM
@@ -301,6 +302,7 @@ def save_model(path: str | os.PathLike, model: JSMModel) -> None:
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+    os.fchmod(fd, file_mode())  # mkstemp makes it 0600: readable by its owner only
     os.close(fd)
     try:
         torch.save(payload, tmp)
