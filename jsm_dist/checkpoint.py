@@ -25,6 +25,8 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from jsm_dist.fileperm import follow_umask
+
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step-(\d{8})$")
@@ -84,6 +86,7 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
+        follow_umask(tmp)  # safetensors writes the weights 0600; each rank fixes its own files
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (tmp / "config.json").write_text(config_json)

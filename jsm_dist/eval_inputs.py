@@ -3,8 +3,9 @@
 Holds the benchmark folder conventions (dataset names and aliases, GT folder names, image
 extensions), the bad-input kinds that are counted and reported (``ISSUE_HELP``) and the
 missing-prediction policies, and the functions that find and read inputs: dataset and
-prediction folder discovery, ``list_images`` (stem -> path, duplicates), ``read_gray`` and
-``load_pair``, which reads, checks and scores one file pair in a pool worker.
+prediction folder discovery, ``list_images`` (stem -> path, duplicates), ``read_gray`` (a
+prediction map) and ``load_pair``, which reads (the GT through :mod:`jsm_dist.masks`),
+checks and scores one file pair in a pool worker.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from jsm_dist.eval_metrics import image_stats, resize_to
+from jsm_dist.masks import read_mask
 
 # Canonical benchmark names (paper order) and the folder names they go by.
 DATASET_ALIASES: dict[str, tuple[str, ...]] = {
@@ -58,7 +60,9 @@ def canonical_dataset(name: str) -> str:
 
 
 def read_gray(path: str | os.PathLike) -> np.ndarray:
-    """An image file as uint8 (H, W) (colour converted to luminance, 16-bit scaled)."""
+    """A prediction map file as uint8 (H, W) (colour converted to luminance, 16-bit
+    scaled). Ground truth is read by :func:`jsm_dist.masks.read_mask` (0/1 and palette
+    masks)."""
     from PIL import Image
 
     with Image.open(path) as im:
@@ -74,7 +78,7 @@ def load_pair(pred_path: str | None, gt_path: str) -> tuple[dict | None, list[st
     """
     kinds: list[str] = []
     try:
-        gt = read_gray(gt_path)
+        gt = read_mask(gt_path)
     except _DECODE_ERRORS as exc:  # a broken file is counted, never fatal for the run
         return None, ["unreadable"], f"{gt_path}: {exc}"
     try:

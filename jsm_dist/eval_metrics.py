@@ -17,6 +17,8 @@ from multiprocessing import get_context
 
 import numpy as np
 
+from jsm_dist.masks import mask_from_array
+
 # (key, what it is) in the order of the printed table; MAE is the only lower-is-better metric.
 METRICS: tuple[tuple[str, str], ...] = (
     ("Sm", "S-measure (alpha=0.5)"),
@@ -55,8 +57,9 @@ def _to_uint8(arr: np.ndarray, what: str) -> np.ndarray:
 
 
 def validate_pair(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Both maps as uint8 (H, W); floats in [0, 1] are scaled to 0..255, bools to {0, 255}."""
-    pred_u8, gt_u8 = _to_uint8(pred, "pred"), _to_uint8(gt, "gt")
+    """Both maps as uint8 (H, W); floats in [0, 1] are scaled to 0..255, bools to {0, 255};
+    the GT as :func:`jsm_dist.masks.mask_from_array` reads masks (0/1 -> 0/255, 16-bit)."""
+    pred_u8, gt_u8 = _to_uint8(pred, "pred"), mask_from_array(gt, "gt")
     if pred_u8.shape != gt_u8.shape:
         raise ValueError(
             f"pred shape {pred_u8.shape} != gt shape {gt_u8.shape}: resize the prediction "

@@ -56,6 +56,7 @@ from jsm_dist.eval_metrics import (
     stats_of_pair,
     validate_pair,
 )
+from jsm_dist.masks import read_mask
 
 # Metrics of in-memory maps live in eval_metrics, input discovery and reading in eval_inputs;
 # both are re-exported here, where callers have always imported them from.
@@ -85,6 +86,7 @@ __all__ = [
     "load_pair",
     "main",
     "read_gray",
+    "read_mask",
     "resize_to",
     "validate_pair",
 ]
@@ -199,8 +201,6 @@ def evaluate_label_store(
     resolution) are resized to each GT's original size; samples without ``gt.png`` are
     counted as ``missing_gt``. ``shards`` restricts to a split (e.g. held-out shards).
     """
-    from io import BytesIO
-
     from jsm_dist.labels import LabelStore
     from jsm_dist.labels.tools import corpus_of, iter_tar_samples
 
@@ -222,7 +222,7 @@ def evaluate_label_store(
         for s in shards if shards is not None else range(store.num_shards):
             samples = list(iter_tar_samples(corpus.shard_paths[s], want=("gt.png",)))
             idx = [i for i, (_, f) in enumerate(samples) if "gt.png" in f]
-            gts = [read_gray(BytesIO(samples[i][1]["gt.png"])) for i in idx]
+            gts = [read_mask(samples[i][1]["gt.png"], f"gt of {samples[i][0]}") for i in idx]
             issues.setdefault("missing_gt", []).extend(k for k, f in samples if "gt.png" not in f)
             issues.setdefault("nonbinary_gt", []).extend(
                 samples[i][0] for i, g in zip(idx, gts) if np.any((g != 0) & (g != 255))

@@ -9,11 +9,11 @@ resolved against the list's folder, ``#`` comments), or a packed corpus (a folde
 ``corpus.json``: only the ``rgb`` member of each sample is read, by byte offset).
 
 Stages: list inputs -> (this rank's share: items[rank::world]) -> DataLoader workers decode
-and resize to ``size`` x ``size`` (PIL bilinear, as the reference test loader) -> batched
-``model.predict`` -> each map resized back to its image's original size -> ``<name>.png``
-(8-bit). Under ``accelerate launch`` / torchrun every process takes its share of the list
-(``jsm_dist.dist.world_info``) and its own GPU; no collective is needed since each writes
-different files.
+and resize to ``size`` x ``size`` (PIL bilinear, as the reference test loader; by default
+the training size recorded in the model file) -> batched ``model.predict`` -> each map
+resized back to its image's original size -> ``<name>.png`` (8-bit). Under ``accelerate
+launch`` / torchrun every process takes its share of the list (``jsm_dist.dist.world_info``)
+and its own GPU; no collective is needed since each writes different files.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ DEFAULT_SIZE = 352  # the reference JSM test size
 class PredictConfig:
     """Settings of a prediction run."""
 
-    size: int = DEFAULT_SIZE  # square network input side (pixels)
+    size: int | None = None  # square network input side, pixels (None: model_input_size)
     batch_size: int = 8  # images per forward pass
     num_workers: int = 0  # DataLoader decode workers (0 = in the main process)
     device: str = (
@@ -51,7 +51,7 @@ class PredictConfig:
     progress: bool = True  # tqdm bar on the main process
 
     def __post_init__(self) -> None:
-        if self.size < 8:
+        if self.size is not None and self.size < 8:
             raise ValueError(f"PredictConfig.size must be >= 8, got {self.size}")
         if self.batch_size < 1:
             raise ValueError(f"PredictConfig.batch_size must be >= 1, got {self.batch_size}")
@@ -216,13 +216,14 @@ def predict_images(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     mine = list(items)[world.rank :: world.world_size]
+    size = cfg.size if cfg.size is not None else model_input_size(model)
     device = pick_device(cfg.device, world)
     if hasattr(model, "to"):
         model = model.to(device)
     if hasattr(model, "eval"):
         model.eval()
     loader = DataLoader(
-        _Images(mine, cfg.size),
+        _Images(mine, size),
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,
         collate_fn=_collate,
@@ -266,13 +267,22 @@ def load_model_file(path: str | os.PathLike):
     return load_model(path)
 
 
-def model_input_size(model) -> int:
-    """The input side a model was trained at, when its config records one; else 352."""
+def model_input_size(model, source: str = "the model") -> int:
+    """The input side a model was trained at: recorded in its model file (``train_size``,
+    see ``jsm_dist.models.save_model``) or its config; else 352, with a warning (files
+    saved before the training size was kept)."""
+    sizes = [getattr(model, "train_size", None)]
     cfg = getattr(model, "cfg", None)
-    for attr in ("train_size", "image_size", "input_size"):
-        value = getattr(cfg, attr, None)
-        if isinstance(value, int) and value > 0:
+    sizes += [getattr(cfg, attr, None) for attr in ("train_size", "image_size", "input_size")]
+    for value in sizes:
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
+    log.warning(
+        "%s records no training size: predicting at %d px, the reference JSM test size "
+        "(pass --size to choose; a model predicts best at the size it was trained at)",
+        source,
+        DEFAULT_SIZE,
+    )
     return DEFAULT_SIZE
 
 
@@ -294,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--size",
         type=int,
         default=None,
-        help=f"network input side; default: the model config's train size, else {DEFAULT_SIZE}",
+        help="network input side; default: the training size recorded in the model file, "
+        f"else {DEFAULT_SIZE}",
     )
     ap.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     ap.add_argument("--workers", type=int, default=2, help="DataLoader decode workers (0 = none)")
@@ -317,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"jsm-predict: {exc}") from None
     model = load_model_file(args.model)
     cfg = PredictConfig(
-        size=args.size or model_input_size(model),
+        size=args.size if args.size is not None else model_input_size(model, args.model),
         batch_size=args.batch_size,
         num_workers=args.workers,
         device=args.device,

@@ -134,6 +134,18 @@ def predict_corpus(model, corpus, data_cfg, max_samples: int = 10_000):
     return np.concatenate(preds), np.concatenate(gts), np.concatenate(init), grid
 
 
+def heldout_data_config(cfg, model):
+    """The run's data settings (defaults without a run config) at the input size the model
+    was trained at: the size recorded in its model file, else the run's ``data.train_size``."""
+    from dataclasses import replace
+
+    from jsm_dist.data.stream import DataConfig
+
+    data = cfg.data if cfg is not None else DataConfig()
+    size = getattr(model, "train_size", None)
+    return data if size in (None, data.train_size) else replace(data, train_size=size)
+
+
 def _u8(x: torch.Tensor) -> np.ndarray:
     return (x[:, 0].clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
 
@@ -297,8 +309,7 @@ def build_report(run: Path, eval_corpus: str | None, out: Path) -> Path:
 
         corpus = Corpus.load(eval_corpus)
         model = load_model(model_path)
-        data_cfg = cfg.data if cfg is not None else None
-        preds, gts, init, grid = predict_corpus(model, corpus, data_cfg)
+        preds, gts, init, grid = predict_corpus(model, corpus, heldout_data_config(cfg, model))
         from jsm_dist.evaluate import evaluate_arrays
 
         name = corpus.name or "held-out"

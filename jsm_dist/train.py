@@ -304,7 +304,7 @@ def run(cfg: Config) -> TrainState:
         **tele.summary(),
     )
     if accelerator.is_main_process:
-        save_model(out / "model.pt", raw_model)
+        save_model(out / "model.pt", raw_model, train_size=cfg.data.train_size)
     tele.close()
     accelerator.wait_for_everyone()
     return state

@@ -118,51 +118,34 @@ def warp(
     + resize (~3x faster than a general warp); a source *smaller* than the image whose
     pixels the crop cuts (a low-resolution label) is first brought to image resolution
     (centre-aligned, so still exactly aligned; a little smoother), where the crop is whole
-    pixels. ``dst`` (oh, ow[, c], the result's dtype) receives the result when given,
-    except that with ``copy=False`` an exact unflipped crop comes back as a view of ``arr``.
+    pixels -- but only when the image itself needs no shrinking for this output: a label
+    brought up to a large image would have to be shrunk again, to a size where the crop
+    cuts pixels once more. Such a label (and any other case) takes the general warp, from
+    its own resolution. ``dst`` (oh, ow[, c], the result's dtype) receives the result when
+    given, except that with ``copy=False`` an exact unflipped crop comes back as a view of
+    ``arr``.
     """
     h, w = image_hw
     oh, ow = out_hw
-    ah, aw = arr.shape[:2]
     (a, b, c), (d, e, f) = out_to_img[0].tolist(), out_to_img[1].tolist()  # plain floats: fast
-    # source pixels per output pixel; above 2, bilinear sampling would alias
-    shrink = min((abs(a) + abs(b)) * aw / w, (abs(d) + abs(e)) * ah / h)
-    if shrink > 2.0 and interpolation != cv2.INTER_NEAREST:
+    ah, aw = arr.shape[:2]
+    shrink = _shrink_factor(a, b, d, e, aw / w, ah / h, interpolation)
+    if shrink:
         size = (max(1, round(aw / shrink)), max(1, round(ah / shrink)))
         arr = cv2.resize(arr, size, interpolation=cv2.INTER_AREA)
         ah, aw = arr.shape[:2]
-    # output pixel -> this array's pixel: (image pixel -> array pixel, centres aligned) o map
-    sx, sy = aw / w, ah / h
-    m = ((sx * a, sx * b, sx * c + 0.5 * sx - 0.5), (sy * d, sy * e, sy * f + 0.5 * sy - 0.5))
+    m = _array_map(a, b, c, d, e, f, aw / w, ah / h)
     if abs(b) < 1e-12 and abs(d) < 1e-12:  # no rotation
-        ix = _axis_interval(m[0][0], m[0][2], ow, aw)
-        iy = _axis_interval(m[1][1], m[1][2], oh, ah)
-        if ix is not None and iy is not None:
-            view = arr[iy[0] : iy[1], ix[0] : ix[1]]
-            if view.shape[:2] == (oh, ow) and not copy and not (ix[2] or iy[2]):
-                return view
-            if view.shape[:2] == (oh, ow):
-                if dst is None:
-                    out = view.copy()
-                else:
-                    np.copyto(dst, view, casting="unsafe")
-                    out = dst
-            else:
-                out = _resize(view, (ow, oh), interpolation, dst, arr.dtype)
-            if ix[2]:
-                cv2.flip(out, 1, out)
-            if iy[2]:
-                cv2.flip(out, 0, out)
-            return out
-        if (
-            ah <= h
-            and aw <= w
-            and _axis_interval(a, c, ow, w) is not None
-            and _axis_interval(e, f, oh, h) is not None
-        ):  # whole image pixels, not whole pixels of this coarser array
-            up = _resize(arr, (w, h), interpolation)  # 8-bit stays widened until the end
-            out = warp(up, out_to_img, image_hw, out_hw, interpolation, dst)
-            return out if out.dtype == arr.dtype else out.astype(arr.dtype)
+        crop = _whole_pixel_crop(m, out_hw, (ah, aw))
+        if crop is not None:
+            return _crop_resize(arr, crop, out_hw, interpolation, dst, copy)
+        if ah <= h and aw <= w and not _shrink_factor(a, b, d, e, 1.0, 1.0, interpolation):
+            m_img = _array_map(a, b, c, d, e, f, 1.0, 1.0)
+            crop = _whole_pixel_crop(m_img, out_hw, image_hw)
+            if crop is not None:  # whole image pixels, not whole pixels of this coarser array
+                up = _resize(arr, (w, h), interpolation)  # 8-bit stays widened until the end
+                out = _crop_resize(up, crop, out_hw, interpolation, dst, True)
+                return out if out.dtype == arr.dtype else out.astype(arr.dtype)
     out = cv2.warpAffine(
         arr,
         np.array(m),
@@ -173,6 +156,67 @@ def warp(
         borderValue=0,
     )
     return _put(dst, out)
+
+
+def _shrink_factor(
+    a: float, b: float, d: float, e: float, sx: float, sy: float, interpolation: int
+) -> float:
+    """Source pixels per output pixel when above 2 (bilinear sampling would alias), else 0.
+
+    ``a, b, d, e``: the linear part of the output -> image map; ``sx, sy``: this array's
+    pixels per image pixel. The smaller of the two axes, so that the shrunk array keeps at
+    least the output's resolution along both. Nearest sampling never shrinks.
+    """
+    shrink = min((abs(a) + abs(b)) * sx, (abs(d) + abs(e)) * sy)
+    return shrink if shrink > 2.0 and interpolation != cv2.INTER_NEAREST else 0.0
+
+
+def _array_map(
+    a: float, b: float, c: float, d: float, e: float, f: float, sx: float, sy: float
+) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Output pixel -> pixel of an array with ``sx, sy`` pixels per image pixel: (image
+    pixel -> array pixel, pixel centres aligned) composed with the output -> image map."""
+    return (
+        (sx * a, sx * b, sx * c + 0.5 * sx - 0.5),
+        (sy * d, sy * e, sy * f + 0.5 * sy - 0.5),
+    )
+
+
+def _whole_pixel_crop(m, out_hw: tuple[int, int], arr_hw: tuple[int, int]):
+    """The (x, y) source intervals of an unrotated map ``m`` (see :func:`_axis_interval`)
+    when its crop falls on whole pixels of an ``arr_hw`` array, else None."""
+    ix = _axis_interval(m[0][0], m[0][2], out_hw[1], arr_hw[1])
+    iy = _axis_interval(m[1][1], m[1][2], out_hw[0], arr_hw[0])
+    return None if ix is None or iy is None else (ix, iy)
+
+
+def _crop_resize(
+    arr: np.ndarray,
+    crop,
+    out_hw: tuple[int, int],
+    interpolation: int,
+    dst: np.ndarray | None,
+    copy: bool,
+) -> np.ndarray:
+    """The exact path of :func:`warp`: slice the whole-pixel crop, resize, flip."""
+    (x0, x1, flip_x), (y0, y1, flip_y) = crop
+    oh, ow = out_hw
+    view = arr[y0:y1, x0:x1]
+    if view.shape[:2] == (oh, ow) and not copy and not (flip_x or flip_y):
+        return view
+    if view.shape[:2] == (oh, ow):
+        if dst is None:
+            out = view.copy()
+        else:
+            np.copyto(dst, view, casting="unsafe")
+            out = dst
+    else:
+        out = _resize(view, (ow, oh), interpolation, dst, arr.dtype)
+    if flip_x:
+        cv2.flip(out, 1, out)
+    if flip_y:
+        cv2.flip(out, 0, out)
+    return out
 
 
 def _resize(

@@ -24,6 +24,7 @@ from PIL import Image
 
 from jsm_dist import schema
 from jsm_dist.data.vocab import word_class
+from jsm_dist.masks import mask_from_array, mask_from_image
 
 DEPTH_SUFFIXES = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff", ".npy")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -89,15 +90,14 @@ def decode_depth(data: bytes) -> np.ndarray:
 
 
 def decode_gray(data: bytes) -> np.ndarray:
-    """8-bit grayscale PNG bytes (ground truth) -> uint8 (H, W)."""
+    """Ground-truth PNG bytes -> uint8 (H, W), 0..255 (0/1 and palette masks too, as
+    :mod:`jsm_dist.masks` reads them: corpora packed before the packer normalised them)."""
     if data[:8] == _PNG_SIG:
         arr = _cv2_decode(data, cv2.IMREAD_UNCHANGED)
-        if arr.ndim == 2 and arr.dtype == np.uint8:
-            return arr
+        if arr.ndim == 2 and arr.dtype in (np.uint8, np.uint16):
+            return mask_from_array(arr)  # palette PNGs come back as colour: PIL below
     with Image.open(io.BytesIO(data)) as im:
-        if im.mode != "L":
-            im = im.convert("L")
-        return np.asarray(im)
+        return mask_from_image(im)
 
 
 def normalize_depth(raw: np.ndarray, convention: str = schema.NEAR_IS_LARGE) -> np.ndarray:
@@ -289,13 +289,13 @@ def load_rgb_file(path: str | Path) -> tuple[np.ndarray, bytes | None]:
 
 
 def load_gray_file(path: str | Path, what: str = "gt") -> np.ndarray:
-    """Ground-truth mask -> uint8 (H, W)."""
+    """Ground-truth mask file -> uint8 (H, W), 0..255 (:mod:`jsm_dist.masks`: 0/1, 16-bit
+    and palette masks are scaled to 0..255; an ambiguous palette mask is a BadInput)."""
     im = _open_fully(Path(path), what)
-    if im.mode in ("I;16", "I;16L", "I;16B", "I", "F"):
-        a = np.asarray(im).astype(np.float64)
-        top = a.max() if a.max() > 0 else 1.0
-        return (a / top * 255.0 + 0.5).astype(np.uint8)
-    return np.asarray(im.convert("L") if im.mode != "L" else im)
+    try:
+        return mask_from_image(im, what)
+    except (ValueError, TypeError) as exc:
+        raise BadInput(str(exc)) from None
 
 
 def load_depth_file(path: str | Path) -> np.ndarray:

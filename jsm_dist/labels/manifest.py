@@ -111,7 +111,7 @@ def locked(root: Path) -> Iterator[None]:
 
     Readers never take it: they only ever see a complete manifest thanks to os.replace.
     """
-    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -88,15 +88,16 @@ def sample_keys(store: LabelStore, shard: int) -> list[str]:
     return keys
 
 
-def _decode_gt(data: bytes, size: tuple[int, int]) -> np.ndarray:
-    import io
-
+def _decode_gt(data: bytes, size: tuple[int, int], what: str = "gt") -> np.ndarray:
+    """A GT mask (any storage, :mod:`jsm_dist.masks`) at ``size`` (h, w), bilinear."""
     from PIL import Image
 
-    im = Image.open(io.BytesIO(data)).convert("L")
-    if im.size != (size[1], size[0]):
-        im = im.resize((size[1], size[0]), Image.BILINEAR)
-    return np.asarray(im, dtype=np.uint8)
+    from jsm_dist.masks import read_mask
+
+    gt = read_mask(data, what)
+    if gt.shape != tuple(size):
+        gt = np.asarray(Image.fromarray(gt).resize((size[1], size[0]), Image.BILINEAR))
+    return gt
 
 
 def load_gt(store: LabelStore, shard: int, gt_dir: Path | None) -> list[np.ndarray | None]:
@@ -107,7 +108,9 @@ def load_gt(store: LabelStore, shard: int, gt_dir: Path | None) -> list[np.ndarr
         out: list[np.ndarray | None] = []
         for key in sample_keys(store, shard):
             p = Path(gt_dir) / f"{key}.png"
-            out.append(_decode_gt(p.read_bytes(), store.label_size) if p.is_file() else None)
+            out.append(
+                _decode_gt(p.read_bytes(), store.label_size, str(p)) if p.is_file() else None
+            )
         return out
     corpus = corpus_of(store)
     if corpus is None or not corpus.has_gt:

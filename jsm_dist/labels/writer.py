@@ -101,7 +101,7 @@ class GenerationWriter:
         if st is None:
             n = self.store.shard_sizes[shard]
             path = self.store.shard_path(self.generation, shard)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
             os.ftruncate(fd, n * self.store.frame_bytes)  # sparse; `done` tracks what is real
             side = np.full((n, len(self.store.side_columns)), np.nan, np.float32)
             st = self._shards[shard] = _Shard(fd, np.zeros(n, np.bool_), side)

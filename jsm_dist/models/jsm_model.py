@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jsm_dist import jsm, schema
+from jsm_dist.fileperm import file_mode
 from jsm_dist.models.config import ModelConfig
 from jsm_dist.models.saliency import CPDNet
 from jsm_dist.models.ssm import SSM
@@ -55,6 +56,9 @@ class JSMModel(nn.Module):
         if not vocab or vocab[0] != schema.NEGATIVE_WORD:
             raise ValueError(f"vocab[0] must be {schema.NEGATIVE_WORD!r}, got {vocab[:1]!r}")
         self.cfg, self.vocab = cfg, list(vocab)
+        # square input side (pixels) the model was trained at, recorded in the model file
+        # so that prediction runs at the same scale; None until known
+        self.train_size: int | None = None
 
         def cpd() -> CPDNet:
             return CPDNet(
@@ -289,18 +293,32 @@ def clip_grad_value(params, clip: float | None) -> None:
         torch.nn.utils.clip_grad_value_(list(params), clip)
 
 
-def save_model(path: str | os.PathLike, model: JSMModel) -> None:
-    """Write ``{"config", "vocab", "state_dict"}`` atomically (temp file + os.replace)."""
+def save_model(path: str | os.PathLike, model: JSMModel, train_size: int | None = None) -> None:
+    """Write ``{"config", "vocab", "state_dict", "train_size"}`` atomically (temp file +
+    os.replace).
+
+    ``train_size``: the square input side the model was trained at (``data.train_size``),
+    the size ``jsm-predict`` uses by default (a saliency network trained at 128 px scores
+    worse on the same images fed at 352); defaults to ``model.train_size`` (None: not
+    recorded).
+    """
     model = getattr(model, "module", model)  # unwrap DDP
+    if train_size is None:
+        train_size = getattr(model, "train_size", None)
+    valid = isinstance(train_size, int) and not isinstance(train_size, bool) and train_size > 0
+    if train_size is not None and not valid:
+        raise ValueError(f"save_model: train_size must be a positive int, got {train_size!r}")
     path = os.fspath(path)
     payload = {
         "config": model.cfg.to_dict(),
         "vocab": model.vocab,
         "state_dict": model.state_dict(),
+        "train_size": train_size,
     }
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+    os.fchmod(fd, file_mode())  # mkstemp makes it 0600: readable by its owner only
     os.close(fd)
     try:
         torch.save(payload, tmp)
@@ -317,4 +335,5 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     cfg = ModelConfig.from_dict(payload["config"])
     model = JSMModel(cfg, payload["vocab"], load_pretrained=False)
     model.load_state_dict(payload["state_dict"])
+    model.train_size = payload.get("train_size")  # absent from files saved before it was kept
     return model

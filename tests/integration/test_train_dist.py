@@ -18,6 +18,7 @@ from helpers import make_tiny_corpus
 
 from jsm_dist.labels import LabelStore
 from jsm_dist.launcher import local_launch
+from jsm_dist.models import load_model
 
 pytestmark = pytest.mark.slow
 
@@ -112,7 +113,8 @@ def test_ddp_equal_steps_and_one_commit_per_refinement(reference_run):
         assert 0.0 <= c["undecided"] <= 1.0 and 0.0 <= c["cand_better"] <= 1.0
     store = LabelStore.open(reference_run / "labels")
     assert store.generation == 2 and store.generations == [0, 1, 2]
-    assert (reference_run / "model.pt").is_file()
+    # the model file records the training size (--data.train_size 32): jsm-predict's default
+    assert load_model(reference_run / "model.pt").train_size == 32
 
 
 def test_resume_after_kill_mid_epoch_matches_uninterrupted(corpus, reference_run, tmp_path):

@@ -161,3 +161,78 @@ def test_cli_with_a_saved_tiny_model(tmp_path, capsys):
     assert pr.model_input_size(model) == pr.DEFAULT_SIZE
     with pytest.raises(SystemExit, match="neither"):
         pr.main(["--model", "x", "--input", str(tmp_path / "nope"), "--out", str(tmp_path)])
+
+
+def _seen_sizes(monkeypatch) -> list[tuple[int, int]]:
+    """Record the input side of every saliency forward of the model jsm-predict loads."""
+    seen: list[tuple[int, int]] = []
+    load = pr.load_model_file
+
+    def load_and_watch(path):
+        model = load(path)
+        model.saliency.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[-2:]))
+        return model
+
+    monkeypatch.setattr(pr, "load_model_file", load_and_watch)
+    return seen
+
+
+def _run_cli(tmp_path, model_path, *extra: str) -> None:
+    src = _jpeg_folder(tmp_path / "in", SIZES[:2])
+    rc = pr.main(["--model", str(model_path), "--input", str(src), "--out",
+                  str(tmp_path / "out"), "--workers", "0", "--no-progress", *extra])  # fmt: skip
+    assert rc == 0
+
+
+def test_cli_predicts_at_the_recorded_training_size_unless_told(tmp_path, monkeypatch, capsys):
+    from jsm_dist.models import JSMModel, ModelConfig, load_model, save_model
+
+    model = JSMModel(ModelConfig(encoder="tiny", mode="unsupervised"), ["<negative>", "cat"])
+    save_model(tmp_path / "model.pt", model, train_size=64)
+    loaded = load_model(tmp_path / "model.pt")
+    assert loaded.train_size == 64 and pr.model_input_size(loaded) == 64
+    save_model(tmp_path / "again.pt", loaded)  # re-saving a loaded model keeps the size
+    assert load_model(tmp_path / "again.pt").train_size == 64
+    seen = _seen_sizes(monkeypatch)
+    _run_cli(tmp_path, tmp_path / "model.pt")
+    assert seen and set(seen) == {(64, 64)}
+    assert "at input size 64" in capsys.readouterr().out
+    seen.clear()
+    _run_cli(tmp_path, tmp_path / "model.pt", "--size", "40")  # an explicit size wins
+    assert seen and set(seen) == {(40, 40)}
+    # the Python API without a size: the recorded one too
+    seen.clear()
+    loaded.saliency.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[-2:]))
+    pr.predict_images(loaded, pr.list_inputs(tmp_path / "in"), tmp_path / "api", _cfg(size=None))
+    assert set(seen) == {(64, 64)}
+    with pytest.raises(ValueError, match="train_size"):
+        save_model(tmp_path / "bad.pt", model, train_size=0)
+
+
+def test_model_file_without_training_size_falls_back_with_a_warning(tmp_path, monkeypatch, caplog):
+    from jsm_dist.models import JSMModel, ModelConfig, save_model
+
+    model = JSMModel(ModelConfig(encoder="tiny", mode="unsupervised"), ["<negative>", "cat"])
+    save_model(tmp_path / "model.pt", model, train_size=64)
+    payload = torch.load(tmp_path / "model.pt", weights_only=True)
+    del payload["train_size"]  # a file saved before the training size was recorded
+    torch.save(payload, tmp_path / "old.pt")
+    seen = _seen_sizes(monkeypatch)
+    with caplog.at_level("WARNING", logger="jsm_dist.predict"):
+        _run_cli(tmp_path, tmp_path / "old.pt")
+    assert seen and set(seen) == {(pr.DEFAULT_SIZE, pr.DEFAULT_SIZE)}
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert str(tmp_path / "old.pt") in warning and f"{pr.DEFAULT_SIZE} px" in warning
+
+
+def test_run_report_evaluates_at_the_recorded_training_size():
+    from types import SimpleNamespace
+
+    from jsm_dist.data.stream import DataConfig
+    from jsm_dist.runreport import heldout_data_config
+
+    run_cfg = SimpleNamespace(data=DataConfig(train_size=96, batch_size=2))
+    assert heldout_data_config(run_cfg, SimpleNamespace(train_size=64)).train_size == 64
+    kept = heldout_data_config(run_cfg, SimpleNamespace(train_size=None))
+    assert kept.train_size == 96 and kept.batch_size == 2
+    assert heldout_data_config(None, SimpleNamespace(train_size=48)).train_size == 48
