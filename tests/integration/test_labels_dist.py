@@ -1,5 +1,6 @@
 """Label store under real processes: 2 gloo ranks committing a generation, a rank killed
-mid-write, and readers running while generations are committed.
+mid-write, a live rank submitting an incomplete generation, and readers running while
+generations are committed.
 
 The rank/reader processes are this file run as a script (see ``_child`` at the bottom).
 """
@@ -100,6 +101,7 @@ def store(tmp_path: Path) -> LabelStore:
     return st
 
 
+@pytest.mark.slow  # two torch processes
 def test_two_ranks_commit_uneven_shards(store: LabelStore, tmp_path: Path) -> None:
     results = wait_all(launch_ranks(store.root, "full", tmp_path))
     for rc, text in results:
@@ -141,6 +143,27 @@ def test_rank_killed_mid_write_leaves_previous_generation(
     assert labels_cli(["--progress", "off", "fsck", str(store.root), "--all"]) == 0
 
 
+@pytest.mark.slow  # two torch processes
+def test_incomplete_generation_is_refused_on_every_rank(store: LabelStore, tmp_path: Path) -> None:
+    """Rank 1 lives but leaves sample (1, 1) unwritten: the commit must fail on BOTH ranks
+    (rank 0 verifies, the others learn it from the outcome broadcast) and change nothing."""
+    manifest = (store.root / "manifest.json").read_text()
+    gen0 = {p.name: p.read_bytes() for p in store.gen_dir(0).iterdir()}
+    results = wait_all(launch_ranks(store.root, "skip", tmp_path))
+    for r, (rc, text) in enumerate(results):
+        report = json.loads(text.strip().splitlines()[-1])
+        assert rc == 1 and report["rank"] == r, text
+        assert report["error"] == "IncompleteGenerationError", text
+        assert "refusing to commit generation 1" in report["message"], text
+        assert "shard 1: 2 of 3 samples written" in report["message"], text
+        assert report["generation"] == 0, text  # the manifest as this rank reads it afterwards
+    assert json.loads((store.root / "manifest.json").read_text()) == json.loads(manifest)
+    assert {p.name: p.read_bytes() for p in store.gen_dir(0).iterdir()} == gen0
+    store.refresh()
+    check_generation(store, 0)
+
+
+@pytest.mark.slow  # a reader process beside 40 commits
 def test_readers_see_one_generation_per_read_during_commits(tmp_path: Path) -> None:
     """Generation g holds the constant g everywhere. A reader process pins a generation
     (refresh), then reads random samples with two read_many calls; a consistent read means
@@ -204,6 +227,8 @@ def _rank_main(root: str, rank: int, world: int, port: str, mode: str, tmp: str)
         for s in owned:
             n = store.shard_sizes[s]
             for i in range(n):  # one sample per call: the way a loader delivers them
+                if mode == "skip" and rank == 1 and (s, i) == (1, 1):
+                    continue  # a live rank that leaves a sample out
                 w.write(s, [i], np.full((1, *store.label_size), value(g, s, i), np.uint8), [[g, i]])
                 if mode == "stall" and rank == 1 and i == n // 2:
                     Path(tmp, "rank1-stalled").touch()
@@ -212,7 +237,10 @@ def _rank_main(root: str, rank: int, world: int, port: str, mode: str, tmp: str)
         store.commit(g)
         print(json.dumps({"rank": rank, "generation": store.generation, "owned": owned}))
     except Exception as e:  # noqa: BLE001 - report, then exit non-zero
-        print(f"rank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"rank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        gen = LabelStore.open(root).generation
+        report = {"rank": rank, "error": type(e).__name__, "message": str(e), "generation": gen}
+        print(json.dumps(report), flush=True)
         code = 1
     with contextlib.suppress(Exception):  # a dead peer can make teardown fail
         td.destroy_process_group()

@@ -1,9 +1,10 @@
 """The SLURM batch scripts against a real local Slurm (slurm-wlm 22.05, started and stopped here).
 
 launch/slurm/local_slurm.sh brings up munged + slurmctld + slurmd (installing slurm-wlm with
-apt-get when missing); the jobs run launch/slurm/train_*.sbatch with the training module
+apt-get when missing); the jobs run launch/slurm/train_*.sbatch, most with the training module
 replaced by tests/integration/dist_probe.py (JSM_TRAIN_MODULE), which initialises accelerate,
-all-reduces and writes what it saw. Two nodes are emulated on this host with two slurmd
+all-reduces and writes what it saw; one runs the real entry point, jsm_dist.train, on a tiny
+corpus. Two nodes are emulated on this host with two slurmd
 processes (slurmd -N). Every subprocess has a timeout; the cluster is torn down even when a
 test fails. Needs root (daemons); skipped, loudly, only when Slurm cannot be installed/run.
 """
@@ -22,7 +23,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from helpers import make_tiny_corpus
+
+from jsm_dist.labels import LabelStore
+from jsm_dist.models import load_model
 
 pytestmark = pytest.mark.slow
 
@@ -85,9 +91,12 @@ class LocalSlurm:
         out = self.run("scontrol", "show", "job", "-o", job_id)
         return dict(re.findall(r"(\w+)=(\S*)", out))
 
-    def submit(self, sbatch: str, out_dir: Path, extra_env: dict, *args: str) -> str:
+    def submit(
+        self, sbatch: str, out_dir: Path, extra_env: dict, *args: str, module: str = PROBE
+    ) -> str:
+        """sbatch ``launch/slurm/<sbatch>`` running ``module`` (the probe unless given)."""
         env = {**self.env, "JSM_REPO_ROOT": str(REPO), "PROBE_OUT": str(out_dir), **extra_env}
-        env["JSM_TRAIN_MODULE"] = PROBE
+        env["JSM_TRAIN_MODULE"] = module
         res = subprocess.run(
             [
                 "sbatch",
@@ -192,6 +201,40 @@ class TestOneNode:
             assert rec["slurm_job_id"] == job and rec["slurm_nodeid"] == "0"
             assert rec["master_port"] == str(29500 + int(job) % 10000)
         assert "[sbatch] srun exited 0" in cluster.log(job)
+
+    def test_single_node_sbatch_runs_the_training_entry_point(self, slurm_one_node, tmp_path):
+        """jsm_dist.train itself through sbatch -> srun -> accelerate launch (2 CPU processes):
+        two steps on a tiny corpus, one refinement committed by both ranks, the model saved."""
+        cluster = slurm_one_node
+        corpus = make_tiny_corpus(tmp_path, shard_sizes=(5, 3, 4), size=32)
+        run = tmp_path / "run"
+        args = ["--corpus", str(corpus.root), "--out_dir", str(run), "--model.encoder", "tiny",
+                "--model.pretrained", "false", "--model.crf", "false", "--data.train_size", "32",
+                "--data.batch_size", "2", "--data.num_workers", "1", "--tensorboard", "false",
+                "--image_grid_samples", "0", "--epochs", "1", "--tau", "1",
+                "--train.max_steps_per_epoch", "2"]  # fmt: skip
+        env = {"MODE": "cpu", "PROCS_PER_NODE": "2", "OMP_NUM_THREADS": "1"}
+        job = cluster.submit(
+            "train_single_node.sbatch", tmp_path, env, *args, module="jsm_dist.train"
+        )
+        cluster.wait(job, _done, "COMPLETED")
+        assert "[sbatch] srun exited 0" in cluster.log(job)
+        recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
+        assert sorted(r["step"] for r in recs if r.get("kind") == "step") == [1, 2]
+        refines = [r for r in recs if r.get("name") == "refine"]
+        assert [(r["generation"], r["samples"]) for r in refines] == [(1, corpus.num_samples)]
+        done = [r for r in recs if r.get("name") == "done"][-1]
+        assert done["steps_per_rank"] == [2, 2] and done["refinements"] == 1
+        store = LabelStore.open(run / "labels")
+        assert store.generation == 1 and store.generations == [0, 1]
+        assert store.manifest["generations"][-1]["world_size"] == 2  # both ranks took part
+        for s in range(store.num_shards):  # every sample rewritten by generation 1, weighted
+            side = store.read_side(s)
+            assert (side[:, -1] == 1).all() and np.isfinite(side[:, :2]).all(), side
+        changed = [not np.array_equal(store.memmap(s, 1), store.memmap(s, 0)) for s in range(3)]
+        assert all(changed), f"generation 1 equals generation 0 in shards: {changed}"
+        model = load_model(run / "model.pt")
+        assert model.cfg.encoder == "tiny" and model.vocab == corpus.vocab
 
     def test_requeue_on_pre_timeout_signal_resumes(self, slurm_one_node, tmp_path):
         """USR1 (what --signal=B:USR1@90 sends) -> the script requeues -> restart 1 resumes."""

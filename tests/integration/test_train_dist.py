@@ -169,6 +169,31 @@ def test_deepspeed_zero2_train_refine_and_resume(corpus, tmp_path):
     assert [f["samples"] for f in fits] == [sum(SHARDS)] * 2  # scorer fitted beside ZeRO-2
 
 
+@pytest.mark.gpu
+def test_one_gpu_bf16_run_trains_refines_and_reads_the_gpu(corpus, tmp_path):
+    """The entry point as one plain process on a GPU with bf16 autocast: it trains, refines
+    on the device, and its step records carry real pynvml readings."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "jsm_dist.train", *COMMON, "--corpus", str(corpus.root),
+           "--out_dir", str(run), "--epochs", "1", "--tau", "1",
+           "--train.mixed_precision", "bf16"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "JSM_FAULT"))}
+    res = subprocess.run(
+        cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    recs = records(run)
+    assert [r["gpu"] for r in recs if r.get("kind") == "start"] == [True]
+    steps = [r for r in recs if r.get("kind") == "step"]
+    assert len(steps) == sum(SHARDS) // 4  # one process, batches of 4
+    assert all(np.isfinite(r["loss"]) and r["gpu_mem_used_mb"] > 0 for r in steps), steps[-1]
+    refines = [r for r in recs if r.get("name") == "refine"]
+    assert [(r["generation"], r["samples"]) for r in refines] == [(1, sum(SHARDS))]
+    assert LabelStore.open(run / "labels").generation == 1
+    assert json.loads((run / "config.json").read_text())["train"]["mixed_precision"] == "bf16"
+    assert (run / "model.pt").is_file()
+
+
 def test_bad_settings_fail_before_work(corpus, tmp_path):
     env = dict(os.environ)
     cmd = [sys.executable, "-m", "jsm_dist.train", "--corpus", str(tmp_path / "nope")]

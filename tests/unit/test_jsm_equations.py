@@ -7,13 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from jsm_reference import sig as _sig
+from jsm_reference import slow_bns, slow_update
 
 from jsm_dist import jsm
 from jsm_dist.models.ssm import SSM, HolisticAttention, LearnableGaussian
-
-
-def _sig(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x))
 
 
 # ---- slow transcriptions -----------------------------------------------------------------
@@ -48,42 +46,6 @@ def slow_ssm(s: np.ndarray, depth: np.ndarray, k: np.ndarray, thr: float | None)
                     v = 1.0 if v > thr else 0.0
                 out[b, 0, y, x] = v * depth[b, 0, y, x]
     return out
-
-
-def slow_bns(s_logit: np.ndarray, d_logit: np.ndarray) -> np.ndarray:
-    ds = np.zeros_like(s_logit, dtype=np.float64)
-    for idx in np.ndindex(s_logit.shape):
-        r = 2 * s_logit[idx] - (1 - _sig(d_logit[idx]))
-        ds[idx] = _sig(max(r, 0.0))
-    out = np.zeros_like(ds)
-    for b in range(ds.shape[0]):
-        lo, hi = ds[b].min(), ds[b].max()
-        for idx in np.ndindex(ds.shape[1:]):
-            out[(b, *idx)] = (ds[(b, *idx)] - lo) / (hi - lo + 1e-8)
-    return out
-
-
-def slow_update(logits_g, logits_d, word, l_g, l_d, score="word"):
-    """Per sample: log-softmax at the word (minus the one at class 0 for the
-    ``word_vs_negative`` score), 2-way softmax, weighted sum per pixel."""
-    new = np.zeros_like(l_g, dtype=np.float64)
-    weights = []
-    for b in range(len(word)):
-
-        def logp(row, target):
-            m = max(row)
-            lse = m + math.log(sum(math.exp(v - m) for v in row))
-            word_lp = row[target] - lse
-            return word_lp - (row[0] - lse) if score == "word_vs_negative" else word_lp
-
-        pg = logp(list(logits_g[b]), word[b])
-        pd = logp(list(logits_d[b]), word[b])
-        wg = math.exp(pg) / (math.exp(pg) + math.exp(pd))
-        wd = 1.0 - wg
-        weights.append((wg, wd))
-        for idx in np.ndindex(l_g.shape[1:]):
-            new[(b, *idx)] = wg * l_g[(b, *idx)] + wd * l_d[(b, *idx)]
-    return new, np.array(weights)
 
 
 # ---- tests -------------------------------------------------------------------------------

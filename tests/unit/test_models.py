@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
+from jsm_reference import slow_bns, slow_postprocess, slow_update
 
-from jsm_dist import schema
+from jsm_dist import jsm, schema
 from jsm_dist.bench.model import FourModuleTrainer, combined_step, make_batch
 from jsm_dist.models import JSMModel, ModelConfig, load_model, save_model
 from jsm_dist.models.saliency import CPDNet
@@ -248,33 +252,124 @@ def test_full_mode_trains_on_ground_truth(batch):
     assert not torch.equal(weak(batch)["loss_sal"], weak(other)["loss_sal"])
 
 
-@pytest.mark.parametrize("mode", ["weak", "unsupervised", "full"])
-@pytest.mark.parametrize("crf", [False, True])
-def test_refine_outputs(batch, mode, crf):
+# ---- the label update, against values computed here from the formulas --------------------
+RGB_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)  # ImageNet statistics
+RGB_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+class MapMeanScorer(torch.nn.Module):
+    """A stand-in text network with known logits: the salient word's logit is ``scale`` x
+    the mean of the map, every other class 0. It gives decisive JSM weights whose values the
+    test computes by hand (the tiny random text network hardly reads its visual token: its
+    weights stay within 1e-4 of 0.5, too close to 0.5 to show a swap of the two)."""
+
+    def __init__(self, n_classes: int, scale: float = 8.0) -> None:
+        super().__init__()
+        self.n_classes, self.scale = n_classes, scale
+
+    def encode_text(self, captions, word_pos, words, device=None) -> torch.Tensor:
+        return torch.as_tensor(words).long()  # this scorer's "text batch": the word classes
+
+    def forward(self, feat: torch.Tensor, maps: torch.Tensor, words: torch.Tensor):
+        k, b = maps.shape[:2]
+        logits = feat.new_zeros(k, b, self.n_classes)
+        logits[:, torch.arange(b), words] = self.scale * maps.float().mean(dim=(2, 3, 4))
+        return logits
+
+
+def scorer_logits(scorer: MapMeanScorer, maps: np.ndarray, words: list[int]) -> np.ndarray:
+    """MapMeanScorer's logits (K, B, C), one sample at a time."""
+    out = np.zeros((*maps.shape[:2], scorer.n_classes))
+    for k in range(maps.shape[0]):
+        for b, w in enumerate(words):
+            out[k, b, w] = scorer.scale * maps[k, b].mean()
+    return out
+
+
+def expected_refine(model: JSMModel, batch: dict, scorer=None) -> dict[str, np.ndarray]:
+    """What ``model.refine(batch, text=scorer)`` must return, from the JSM formulas: the two
+    networks' detection logits go through slow transcriptions of BNS, the candidate score,
+    the 2-way softmax, the weighted sum and the post-processing (tests/jsm_reference.py)."""
+    cfg = model.cfg
+    model.eval()
+    rgb = batch[schema.RGB]
+    x = (rgb - RGB_MEAN) / RGB_STD
+    dep = batch[schema.DEPTH].expand(-1, 3, -1, -1)
+    depth_in = x if cfg.depth_input == "rgb" else (dep - 0.449) / 0.226
+    with torch.no_grad():
+        det = model.saliency(x)[1].double().numpy()
+        det_d = model.depth(depth_in)[1].double().numpy()
+    l_g = batch[schema.LABEL].double().numpy()
+    l_d = slow_bns(det, det_d)
+    words = batch[schema.WORD].tolist()
+    b = len(words)
+    want = {"candidate": l_d}
+    if cfg.mode == "full":  # no update: the label comes back unchanged
+        return {**want, "conf": np.tile([1.0, 0.0], (b, 1)), "label": l_g}
+
+    def logits_of(maps: np.ndarray) -> np.ndarray:
+        if scorer is not None:
+            return scorer_logits(scorer, maps, words)
+        # log-probabilities are logits too (log-softmax leaves them unchanged)
+        return model.text_log_probs(batch, torch.from_numpy(maps).float()).double().numpy()
+
+    if cfg.mode == "weak":
+        logits = logits_of(np.stack([l_g, l_d]))
+        new, conf = slow_update(logits[0], logits[1], words, l_g, l_d, cfg.jsm_score)
+    else:
+        conf = np.tile([1.0 - cfg.unsup_weight_d, cfg.unsup_weight_d], (b, 1))
+        new = np.zeros_like(l_g)
+        for i in range(b):
+            new[i] = conf[i, 0] * l_g[i] + conf[i, 1] * l_d[i]
+    label = slow_postprocess(new, cfg.post_sigmoid, cfg.post_minmax)
+    if cfg.crf:  # the CRF itself is checked in tests/unit/test_crf.py
+        label = jsm.dense_crf(torch.from_numpy(label).float(), rgb).double().numpy()
+    want.update(conf=conf, label=np.clip(label, 0.0, 1.0))
+    if cfg.mode == "weak":  # p(word | the region the new label selects)
+        logits = logits_of(want["label"][None])[0]
+        want["text_conf"] = np.array(
+            [math.exp(row[w]) / sum(math.exp(v) for v in row) for row, w in zip(logits, words)]
+        )
+    return want
+
+
+@pytest.mark.parametrize(
+    "kw, stub_scorer",
+    [
+        ({"mode": "weak"}, False),
+        ({"mode": "weak", "post_sigmoid": False, "post_minmax": False}, False),
+        ({"mode": "weak"}, True),
+        ({"mode": "weak", "post_sigmoid": False, "post_minmax": False}, True),
+        ({"mode": "weak", "jsm_score": "word_vs_negative"}, True),
+        ({"mode": "weak", "crf": True}, True),
+        ({"mode": "unsupervised", "depth_input": "depth", "unsup_weight_d": 0.25}, False),
+        ({"mode": "unsupervised", "crf": True}, False),
+        ({"mode": "full"}, False),
+        ({"mode": "full", "crf": True}, False),
+    ],
+    ids=lambda v: (
+        "-".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else f"stub={v}"
+    ),
+)
+def test_refine_matches_the_formulas(batch, kw, stub_scorer):
     torch.manual_seed(0)
-    model = JSMModel(tiny_cfg(mode=mode, crf=crf), VOCAB).train()
-    out = model.refine(batch)
+    model = JSMModel(tiny_cfg(**kw), VOCAB)
+    scorer = MapMeanScorer(len(VOCAB)) if stub_scorer else None
+    want = expected_refine(model, batch, scorer)
+    model.train()
+    out = model.refine(batch, text=scorer)
     assert model.training  # mode restored
     b = batch[schema.RGB].shape[0]
     assert out["label"].shape == out["candidate"].shape == (b, 1, SIZE, SIZE)
-    assert out["conf"].shape == (b, 2) and out["conf"].dtype == torch.float32
-    for k in ("label", "candidate"):
-        assert float(out[k].min()) >= 0 and float(out[k].max()) <= 1 and not out[k].requires_grad
-    assert torch.allclose(out["conf"].sum(1), torch.ones(b))
-    if mode == "unsupervised":
-        assert torch.allclose(out["conf"], torch.tensor([[0.5, 0.5]]).expand(b, 2))
-    if mode == "full":
-        assert torch.equal(out["label"], batch[schema.LABEL])
-
-
-def test_refine_without_postprocessing_is_the_weighted_sum(batch):
-    from jsm_dist import jsm
-
-    torch.manual_seed(0)
-    model = JSMModel(tiny_cfg(post_sigmoid=False, post_minmax=False), VOCAB)
-    out = model.refine(batch)
-    want = jsm.jsm_update(batch[schema.LABEL], out["candidate"], out["conf"])
-    assert torch.allclose(out["label"], want.clamp(0, 1), atol=1e-6)
+    assert out["conf"].dtype == torch.float32 and not out["label"].requires_grad
+    np.testing.assert_allclose(out["candidate"].double().numpy(), want["candidate"], atol=1e-5)
+    np.testing.assert_allclose(out["conf"].double().numpy(), want["conf"], rtol=0, atol=1e-6)
+    atol = 1e-4 if model.cfg.crf else 1e-5  # the CRF's exp/log amplify float32 noise a little
+    np.testing.assert_allclose(out["label"].double().numpy(), want["label"], rtol=0, atol=atol)
+    if model.cfg.mode == "weak":
+        np.testing.assert_allclose(out["text_conf"].double().numpy(), want["text_conf"], atol=1e-6)
+    if stub_scorer:  # decisive weights: swapping w_g and w_d must break conf and label
+        assert np.abs(want["conf"][:, 0] - 0.5).min() > 0.05, want["conf"]
 
 
 def test_predict_uses_rgb_only(batch):
