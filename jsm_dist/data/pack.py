@@ -15,6 +15,14 @@ initial labels (``initial_saliency``) at the store resolution. The parent then n
 tars in task order (``shard-%06d.tar``), writes every shard's labels as generation 0 of the
 label store and saves corpus.json (counts, sha256 per shard, vocabulary, bad samples).
 
+Depth orientation: ``--depth-convention auto`` (the default) decides every sample's
+orientation from its own RGB and depth (:mod:`jsm_dist.data.orientation`) and records it
+in the sample's json (``depth_convention``, plus the cue scores in ``depth_orientation``);
+the initial labels and the loader use that per-sample value. corpus.json
+``depth_orientation`` counts the decisions (and, where there is ground truth, how often
+the GT agrees); a corpus that mixes orientations, uncertain decisions and decisions the GT
+contradicts are logged as warnings and printed in the summary.
+
 Bad inputs (unreadable/truncated image, missing depth, size mismatch, NaN/inf depth,
 caption without its word, ...) are skipped, listed with their reason in the printed
 summary and in corpus.json ``bad_samples``; the exit code is non-zero only when nothing
@@ -47,6 +55,7 @@ import numpy as np
 from jsm_dist import schema
 from jsm_dist.data import sources
 from jsm_dist.data.corpus import Corpus
+from jsm_dist.data.orientation import OrientationTally
 from jsm_dist.data.shard_writer import (
     encode_meta,
     encode_sample,
@@ -101,7 +110,7 @@ class PackConfig:
     resize: int = 0  # store every image resized to SxS; 0 = keep the source size
     rgb_format: str = "jpg"  # jpg (source JPEGs are stored untouched) | png (lossless)
     jpeg_quality: int = 90
-    depth_convention: str = schema.NEAR_IS_LARGE  # orientation of the raw depth values
+    depth_convention: str = schema.DEPTH_AUTO  # raw depth orientation; auto = per sample
     workers: int = 0  # pack processes; 0 = one per CPU
     holdout: float = 0.0  # fraction of records for <out>/test (0 = one corpus in <out>)
     split_seed: int = 0  # seed of the holdout split
@@ -122,7 +131,11 @@ class PackConfig:
             (self.resize >= 0, "resize", ">= 0"),
             (self.rgb_format in RGB_FORMATS, "rgb_format", f"one of {RGB_FORMATS}"),
             (1 <= self.jpeg_quality <= 100, "jpeg_quality", "in [1, 100]"),
-            (self.depth_convention in schema.DEPTH_CONVENTIONS, "depth_convention", "valid"),
+            (
+                self.depth_convention in schema.DEPTH_CONVENTION_CHOICES,
+                "depth_convention",
+                f"one of {schema.DEPTH_CONVENTION_CHOICES}",
+            ),
             (self.workers >= 0, "workers", ">= 0"),
             (0.0 <= self.holdout < 1.0, "holdout", "in [0, 1)"),
             (self.keep_generations >= 2, "keep_generations", ">= 2"),
@@ -199,17 +212,27 @@ def pack_records(
         bad += [b for r in results for b in r["bad"]]
         if not parts:
             return PackResult(None, 0, bad)
+        tally = OrientationTally(cfg.depth_convention)
+        for r in results:  # task order: sample names stay in pack order
+            tally.merge(r["orientation"])
         corpus = finalize_corpus(
             out,
             name,
             vocab,
             parts,
             label_size=label_size,
-            depth_convention=cfg.depth_convention,
+            depth_convention=(
+                tally.majority
+                if cfg.depth_convention == schema.DEPTH_AUTO
+                else cfg.depth_convention
+            ),
             has_text=has_text,
             bad=bad,
             keep=cfg.keep_generations,
+            depth_orientation=tally.to_dict(),
         )
+        for warning in tally.warnings():
+            log.warning("%s: %s", name, warning)
         return PackResult(corpus, corpus.num_samples, bad)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -253,6 +276,10 @@ def _summary(results: list[PackResult]) -> str:
                 f"({mb:.1f} MiB), vocab {len(c.vocab)}, labels {c.label_size}, "
                 f"{len(res.bad)} bad samples skipped"
             )
+            if c.depth_orientation:
+                tally = OrientationTally.from_dict(c.depth_orientation)
+                lines.append(f"  {tally.summary()}")
+                lines += [f"  warning: {w}" for w in tally.warnings()]
         for b in res.bad[:50]:
             lines.append(f"  bad: {b['source']}: {b['reason']}")
         if len(res.bad) > 50:
@@ -278,9 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality when re-encoding")
     g.add_argument(
         "--depth-convention",
-        choices=schema.DEPTH_CONVENTIONS,
-        default=schema.NEAR_IS_LARGE,
-        help="orientation of the raw depth values",
+        choices=schema.DEPTH_CONVENTION_CHOICES,
+        default=schema.DEPTH_AUTO,
+        help="orientation of the raw depth values: auto (default) decides per sample from "
+        "its RGB and depth (docs/depth_orientation.md); near_is_large / far_is_large set "
+        "it for every sample",
     )
     g.add_argument("--workers", type=int, default=0, help="pack processes (0 = one per CPU)")
     g.add_argument(

@@ -4,7 +4,8 @@ Holds the encoding of one sample into WebDataset members (``encode_sample``,
 ``encode_meta``, ``sanitize_key``), deterministic tar writing (``write_tar``), the
 handcrafted generation-0 labels at the store resolution (``label_inputs``,
 ``saliency_u8``, ``initial_labels``), the pool task that turns one list of records into
-shard tar(s) plus label files (``pack_task``, validating each sample on the way), and
+shard tar(s) plus label files (``pack_task``, validating each sample and deciding its
+depth orientation on the way, :mod:`jsm_dist.data.orientation`), and
 ``finalize_corpus``, which numbers the tars, writes label generation 0 and saves
 corpus.json. tests/helpers.py builds its corpora from the same functions.
 """
@@ -17,6 +18,7 @@ import json
 import os
 import re
 import tarfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,7 +26,7 @@ import cv2
 import numpy as np
 
 from jsm_dist import dist
-from jsm_dist.data import decode, sources
+from jsm_dist.data import decode, orientation, sources
 from jsm_dist.data.corpus import Corpus, ShardInfo
 from jsm_dist.data.decode import BadInput
 from jsm_dist.data.vocab import find_word
@@ -94,9 +96,17 @@ def saliency_u8(rgbs: list[np.ndarray], depths: list[np.ndarray], size: int) -> 
     return (np.clip(sal, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def initial_labels(rgbs: list[np.ndarray], depths: list[np.ndarray], convention: str, size: int):
-    """Handcrafted generation-0 labels of full-size samples: uint8 (n, size, size)."""
-    small = [label_inputs(r, d, convention, size) for r, d in zip(rgbs, depths, strict=True)]
+def initial_labels(
+    rgbs: list[np.ndarray],
+    depths: list[np.ndarray],
+    convention: str | Sequence[str],
+    size: int,
+):
+    """Handcrafted generation-0 labels of full-size samples: uint8 (n, size, size).
+
+    ``convention``: one for all samples, or one per sample (the packer's decisions)."""
+    conventions = [convention] * len(rgbs) if isinstance(convention, str) else list(convention)
+    small = [label_inputs(r, d, c, size) for r, d, c in zip(rgbs, depths, conventions, strict=True)]
     return saliency_u8([r for r, _ in small], [d for _, d in small], size)
 
 
@@ -129,6 +139,20 @@ def _prepare(cfg: PackConfig, raw: dict, has_text: bool) -> dict:
     else:
         meta.update(caption="", word="", word_pos=0)
     return {**raw, "rgb": rgb, "depth": depth, "gt": gt, "meta": meta}
+
+
+def _orient(mode: str, sample: dict, tally: orientation.OrientationTally) -> str:
+    """Decide (or take) the sample's depth orientation, record it in its meta (the json
+    member) and in ``tally``, with the ground truth's opinion where there is one."""
+    convention, found = orientation.decide(mode, sample["rgb"], sample["depth"])
+    meta = sample["meta"]
+    meta["depth_convention"] = convention
+    if found is not None:
+        meta["depth_orientation"] = found.to_meta()
+    gt = sample.get("gt")
+    gt_said = orientation.gt_implied(sample["depth"], gt) if gt is not None else None
+    tally.add(str(meta.get("name") or sample["key"]), convention, found, gt_said)
+    return convention
 
 
 def pack_task(args: tuple) -> dict:
@@ -165,12 +189,14 @@ def pack_task(args: tuple) -> dict:
         )
         reset()
 
+    tally = orientation.OrientationTally(cfg.depth_convention)
     reset()
     for record, raw in sources.load_records(cfg, records):
         try:
             if isinstance(raw, BadInput):
                 raise raw
             sample = _prepare(cfg, raw, has_text)
+            convention = _orient(cfg.depth_convention, sample, tally)
             members = encode_sample(sample, rgb_format=cfg.rgb_format, quality=cfg.jpeg_quality)
         except BadInput as exc:
             bad.append({"source": record.get("source", "?"), "reason": str(exc)})
@@ -180,16 +206,20 @@ def pack_task(args: tuple) -> dict:
             close_part()  # size bound: this sample starts the next shard
         members["json"] = encode_meta(sample["meta"], len(cur["samples"]))
         cur["samples"].append(members)
-        rgb_s, dep_s = label_inputs(
-            sample["rgb"], sample["depth"], cfg.depth_convention, label_size
-        )
+        rgb_s, dep_s = label_inputs(sample["rgb"], sample["depth"], convention, label_size)
         cur["rgbs"].append(rgb_s)  # only label-size copies are kept until the shard closes
         cur["depths"].append(dep_s)
         cur["bytes"] += size
         cur["sizes"].add(tuple(sample["rgb"].shape[:2]))
         cur["all_gt"] &= sample.get("gt") is not None
     close_part()
-    return {"task": task_id, "parts": parts, "bad": bad, "records": len(records)}
+    return {
+        "task": task_id,
+        "parts": parts,
+        "bad": bad,
+        "records": len(records),
+        "orientation": tally,
+    }
 
 
 # ---- the corpus: numbered shards, label generation 0, corpus.json --------------------
@@ -204,12 +234,13 @@ def finalize_corpus(
     has_text: bool,
     bad: list[dict],
     keep: int = 3,
+    depth_orientation: dict | None = None,
 ) -> Corpus:
     """Rename part tars to shard-%06d.tar, write label generation 0, save corpus.json.
 
     ``parts`` (in shard order): dicts with ``tar`` (path), ``labels`` (uint8 (n,h,w) array
     or a .npy path), ``count``, ``sha256``, ``bytes``, ``keys``, ``sizes`` (image (H, W)s
-    seen) and ``has_gt``.
+    seen) and ``has_gt``. ``depth_orientation``: the pack run's OrientationTally as a dict.
     """
     from jsm_dist.labels import LabelStore
 
@@ -232,6 +263,7 @@ def finalize_corpus(
         has_gt=all(p.get("has_gt", True) for p in parts),
         has_text=has_text,
         bad_samples=bad,
+        depth_orientation=depth_orientation or {},
     )
     single = dist.WorldInfo()
     store = LabelStore.create(
