@@ -64,7 +64,7 @@ from jsm_dist.data.shard_writer import (
     label_inputs,
     pack_task,
     saliency_u8,
-    sanitize_key,
+    sample_key,
     write_tar,
 )
 
@@ -85,7 +85,7 @@ __all__ = [
     "pack",
     "pack_records",
     "saliency_u8",
-    "sanitize_key",
+    "sample_key",
     "split_records",
     "write_tar",
 ]

@@ -1,7 +1,7 @@
 """Shard writing for :mod:`jsm_dist.data.pack`: samples in, a corpus on disk out.
 
 Holds the encoding of one sample into WebDataset members (``encode_sample``,
-``encode_meta``, ``sanitize_key``), deterministic tar writing (``write_tar``), the
+``encode_meta``, ``sample_key``), deterministic tar writing (``write_tar``), the
 handcrafted generation-0 labels at the store resolution (``label_inputs``,
 ``saliency_u8``, ``initial_labels``), the pool task that turns one list of records into
 shard tar(s) plus label files (``pack_task``, validating each sample and deciding its
@@ -36,9 +36,32 @@ if TYPE_CHECKING:
 
 
 # ---- encoding and tar writing (shared with tests/helpers.py) ---------------------------
-def sanitize_key(text: str) -> str:
-    """A WebDataset key: no dots (the key ends at the first dot), no slashes."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", str(text)) or "_"
+# A plain key: ASCII letters, digits and "_", in runs joined by single "-"s.
+PLAIN_KEY = re.compile(r"[A-Za-z0-9_]+(?:-[A-Za-z0-9_]+)*")
+MAX_PLAIN_KEY = 100  # longer names are shortened (a key is part of file names: <key>.png)
+KEY_PREFIX = 48  # readable part of an encoded key
+KEY_HASH = 12  # hex digits of SHA-256 in an encoded key (48 bits)
+
+
+def sample_key(name: str) -> str:
+    """The WebDataset key of a sample name (file stem): unique, stable and safe.
+
+    WebDataset splits a member name ``<key>.<ext>`` at the first dot of its file name and
+    reads a slash as a folder, so a key holds neither; it also ends up in file names
+    (``jsm-labels export`` writes ``<key>.png``), so it is short and plain ASCII. A name
+    that is already such a plain key (``PLAIN_KEY``, at most 100 characters) is its own key;
+    any other name becomes ``<readable prefix>--<12 hex of SHA-256(name)>``: the prefix is
+    the name with every run of other characters replaced by ``_`` (cut to 48; ``name`` when
+    nothing readable is left). Plain keys never contain ``--``, so an encoded key never
+    equals a plain one, and the hash of the full name keeps encoded keys apart ("a b" and
+    "a_b", or any two CJK names). The original name stays in the sample's json ``name``.
+    """
+    name = str(name)
+    if len(name) <= MAX_PLAIN_KEY and PLAIN_KEY.fullmatch(name):
+        return name
+    prefix = re.sub(r"[^A-Za-z0-9_]+", "_", name).strip("_")[:KEY_PREFIX].strip("_") or "name"
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:KEY_HASH]
+    return f"{prefix}--{digest}"
 
 
 def encode_sample(raw: dict, *, rgb_format: str = "jpg", quality: int = 90) -> dict:
