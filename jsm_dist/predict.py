@@ -6,7 +6,9 @@
 Inputs (depth and captions are never needed): a folder of images (a benchmark folder with an
 ``RGB`` subfolder is understood), a list file (one image path per line, relative paths
 resolved against the list's folder, ``#`` comments), or a packed corpus (a folder with
-``corpus.json``: only the ``rgb`` member of each sample is read, by byte offset).
+``corpus.json``: the ``rgb`` member of each sample is read by byte offset, and the small
+``json`` member for the sample's original name, which names its map, so ``jsm-eval``
+matches the maps to the benchmark's own GT file names whatever the shard keys).
 
 Stages: list inputs -> (this rank's share: items[rank::world]) -> DataLoader workers decode
 and resize to ``size`` x ``size`` (PIL bilinear, as the reference test loader; by default
@@ -19,6 +21,7 @@ and its own GPU; no collective is needed since each writes different files.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import tarfile
@@ -70,16 +73,38 @@ class Item:
 
 
 # ---------------------------------------------------------------- listing inputs
+def _sample_name(meta: bytes, key: str) -> str:
+    """The sample's original name (json ``name``: the packed file's stem), so maps match the
+    benchmark's GT file names; the key when the json has none (or an unusable one)."""
+    try:
+        name = json.loads(meta).get("name")
+    except (ValueError, AttributeError):
+        name = None
+    if isinstance(name, str) and name and name not in (".", "..") and Path(name).name == name:
+        return name
+    return key.replace("/", "_")
+
+
 def _shard_items(corpus_dir: Path) -> list[Item]:
     from jsm_dist.data.corpus import Corpus
 
     items = []
     for shard in Corpus.load(corpus_dir).shard_paths:
+        rgb: dict[str, tarfile.TarInfo] = {}
+        metas: dict[str, bytes] = {}
         with tarfile.open(shard) as tar:
             for m in tar:
                 key, _, ext = m.name.partition(".")
-                if m.isfile() and ext.lower() in ("rgb.jpg", "rgb.jpeg", "rgb.png"):
-                    items.append(Item(key.replace("/", "_"), shard, m.offset_data, m.size))
+                if not m.isfile():
+                    continue
+                if ext.lower() in ("rgb.jpg", "rgb.jpeg", "rgb.png"):
+                    rgb[key] = m
+                elif ext == "json":  # a few hundred bytes; depth and GT are never read
+                    metas[key] = tar.extractfile(m).read()
+        items += [
+            Item(_sample_name(metas.get(key, b"{}"), key), shard, m.offset_data, m.size)
+            for key, m in rgb.items()
+        ]
     return items
 
 

@@ -8,9 +8,11 @@ Raw shard members (one tar member per field, same ``__key__``)::
     <key>.gt.png                    optional 8-bit ground-truth mask (evaluation / full supervision)
 
 Depth convention (everywhere, after decode): ``depth`` is float32 in [0, 1] with
-**1 = nearest**, 0 = farthest or missing. ``corpus.json`` records how the raw values are
-oriented (``depth_convention``: ``near_is_large`` or ``far_is_large``) and the decoder
-flips when needed, so the model only ever sees near = large.
+**1 = nearest**, 0 = farthest or missing. Each sample's ``json`` records how its raw
+values are oriented (``depth_convention``: ``near_is_large`` or ``far_is_large``, decided
+per sample by the packer or set for all by ``--depth-convention``); corpora packed before
+that field existed carry it once, in ``corpus.json``. The decoder flips when needed, so the
+model only ever sees near = large.
 
 A decoded sample (after the streaming pipeline) is a dict with the keys below; a batch is
 the same dict with tensors stacked on a new leading dimension and strings in lists.
@@ -46,6 +48,8 @@ NEAR_IS_LARGE = "near_is_large"
 FAR_IS_LARGE = "far_is_large"
 DepthConvention = Literal["near_is_large", "far_is_large"]
 DEPTH_CONVENTIONS = (NEAR_IS_LARGE, FAR_IS_LARGE)
+DEPTH_AUTO = "auto"  # jsm-pack: decide per sample (jsm_dist/data/orientation.py)
+DEPTH_CONVENTION_CHOICES = (DEPTH_AUTO, *DEPTH_CONVENTIONS)
 
 
 class SampleMeta(TypedDict, total=False):
@@ -59,5 +63,7 @@ class SampleMeta(TypedDict, total=False):
     category: str
     subcategory: str
     source: str
+    depth_convention: str  # orientation of this sample's raw depth (NEAR/FAR_IS_LARGE)
+    depth_orientation: dict  # packer's cues when it decided: score, ground, object, uncertain
     shard: int
     index: int

@@ -74,6 +74,39 @@ def make_raw_sample(
     }
 
 
+# File stems a real benchmark folder can hold: CJK, spaces vs underscores, dots, dashes,
+# accents, a very long one. Every one must survive packing with its own key.
+ODD_NAMES = (
+    "雨伞",
+    "雨伞 2",
+    "猫",
+    "a b",
+    "a_b",
+    "a.b",
+    "a.b.c",
+    "a--b",
+    "-dash",
+    "Ünïcödé café",
+    "x" * 180,
+    "img_0001",
+)
+
+
+def write_benchmark_folder(root: str | Path, names=ODD_NAMES, size: int = 32) -> Path:
+    """RGB/<name>.jpg, depth/<name>.png (16-bit), GT/<name>.png: one tiny sample per name."""
+    from PIL import Image
+
+    root = Path(root)
+    for sub in ("RGB", "depth", "GT"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        raw = make_raw_sample(0, i, size, with_text=False)
+        Image.fromarray(raw["rgb"]).save(root / "RGB" / f"{name}.jpg", quality=95)
+        Image.fromarray(raw["depth"]).save(root / "depth" / f"{name}.png")
+        Image.fromarray(raw["gt"]).save(root / "GT" / f"{name}.png")
+    return root
+
+
 def make_tiny_corpus(
     tmp_path: str | Path,
     n: int | None = None,

@@ -11,7 +11,9 @@ Layout of a packed corpus directory::
     name              corpus name
     image_size        [H, W] images were stored at, or null when sizes vary (benchmarks)
     label_size        [h, w] resolution of the label store
-    depth_convention  "near_is_large" | "far_is_large" (orientation of the raw depth PNGs)
+    depth_convention  "near_is_large" | "far_is_large": the majority orientation of the raw
+                      depth PNGs; a sample's json ``depth_convention`` overrides it (corpora
+                      packed before per-sample orientation have only this one)
     vocab             salient-word vocabulary; index = class id, index 0 = "<negative>"
     num_samples       total number of samples
     has_gt            every sample carries gt.png
@@ -19,6 +21,10 @@ Layout of a packed corpus directory::
     shards            [{"file", "count", "sha256", "bytes"}] in shard-index order
     bad_samples       [{"source", "reason"}]: inputs the packer skipped, and why
     labels            label-store directory, relative to the corpus directory
+    depth_orientation what the packer decided (jsm_dist.data.orientation.OrientationTally):
+                      mode ("auto" or the explicit convention), margin, near_is_large /
+                      far_is_large / uncertain counts, uncertain_samples, gt_checked,
+                      gt_agree, gt_disagree_samples (names); {} for older corpora
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ class Corpus:
     has_text: bool = True
     bad_samples: list[dict] = field(default_factory=list)
     labels: str = "labels"
+    depth_orientation: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)

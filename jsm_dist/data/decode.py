@@ -8,8 +8,9 @@ otherwise). Depth is always decoded into its own integer dtype (8- or 16-bit): W
 
 Depth normalisation (:func:`normalize_depth`) is the one place that maps raw depth to the
 model's convention: float32 in [0, 1], **1 = nearest**, holes (raw 0) = 0. It is a per-image
-min-max over valid pixels, oriented by the corpus' ``depth_convention``; the packer uses the
-same function to compute the initial labels, so pack time and train time agree.
+min-max over valid pixels, oriented by the sample's ``depth_convention`` (its json; the
+corpus-level value for corpora packed before per-sample orientation); the packer uses the
+same function and value to compute the initial labels, so pack time and train time agree.
 """
 
 from __future__ import annotations
@@ -244,11 +245,15 @@ class SampleDecoder:
         hw = parts["rgb"].shape[:2]
         if parts["depth"].shape != hw or ("gt" in parts and parts["gt"].shape != hw):
             raise CorruptMember("size mismatch", where)
+        # per-sample orientation (packer's decision); older corpora: the corpus-level one
+        convention = meta.get("depth_convention", self.corpus.depth_convention)
+        if convention not in schema.DEPTH_CONVENTIONS:
+            raise CorruptMember("bad depth_convention", where, repr(convention)[:200])
         label = self.store.read(shard, index) if self.store is not None else None
         has_text = self.corpus.has_text
         return {
             "rgb": parts["rgb"],
-            "depth": normalize_depth_u16(parts["depth"], self.corpus.depth_convention),
+            "depth": normalize_depth_u16(parts["depth"], convention),
             "gt": parts.get("gt"),
             "label": label,
             schema.SHARD: shard,

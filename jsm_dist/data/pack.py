@@ -15,6 +15,14 @@ initial labels (``initial_saliency``) at the store resolution. The parent then n
 tars in task order (``shard-%06d.tar``), writes every shard's labels as generation 0 of the
 label store and saves corpus.json (counts, sha256 per shard, vocabulary, bad samples).
 
+Depth orientation: ``--depth-convention auto`` (the default) decides every sample's
+orientation from its own RGB and depth (:mod:`jsm_dist.data.orientation`) and records it
+in the sample's json (``depth_convention``, plus the cue scores in ``depth_orientation``);
+the initial labels and the loader use that per-sample value. corpus.json
+``depth_orientation`` counts the decisions (and, where there is ground truth, how often
+the GT agrees); a corpus that mixes orientations, uncertain decisions and decisions the GT
+contradicts are logged as warnings and printed in the summary.
+
 Bad inputs (unreadable/truncated image, missing depth, size mismatch, NaN/inf depth,
 caption without its word, ...) are skipped, listed with their reason in the printed
 summary and in corpus.json ``bad_samples``; the exit code is non-zero only when nothing
@@ -48,6 +56,7 @@ import numpy as np
 from jsm_dist import schema
 from jsm_dist.data import sources
 from jsm_dist.data.corpus import Corpus
+from jsm_dist.data.orientation import OrientationTally
 from jsm_dist.data.shard_writer import (
     encode_meta,
     encode_sample,
@@ -56,7 +65,7 @@ from jsm_dist.data.shard_writer import (
     label_inputs,
     pack_task,
     saliency_u8,
-    sanitize_key,
+    sample_key,
     write_tar,
 )
 from jsm_dist.settings import above, add_arguments, at_least, check_fields, setting, within
@@ -76,7 +85,7 @@ __all__ = [
     "pack",
     "pack_records",
     "saliency_u8",
-    "sanitize_key",
+    "sample_key",
     "split_records",
     "write_tar",
 ]
@@ -111,8 +120,10 @@ class PackConfig:
         "jpg", "RGB member format: jpg (source JPEGs are stored untouched) | png (lossless)"
     )
     jpeg_quality: int = setting(90, "JPEG quality when re-encoding", check=within(1, 100))
-    depth_convention: schema.DepthConvention = setting(
-        schema.NEAR_IS_LARGE, "orientation of the raw depth values"
+    depth_convention: Literal["auto", "near_is_large", "far_is_large"] = setting(
+        schema.DEPTH_AUTO,
+        "orientation of the raw depth values: auto decides per sample from its RGB and depth "
+        "(docs/depth_orientation.md); near_is_large / far_is_large set it for every sample",
     )
     workers: int = setting(0, "pack processes; 0 = one per CPU", check=at_least(0))
     holdout: float = setting(
@@ -199,17 +210,27 @@ def pack_records(
         bad += [b for r in results for b in r["bad"]]
         if not parts:
             return PackResult(None, 0, bad)
+        tally = OrientationTally(cfg.depth_convention)
+        for r in results:  # task order: sample names stay in pack order
+            tally.merge(r["orientation"])
         corpus = finalize_corpus(
             out,
             name,
             vocab,
             parts,
             label_size=label_size,
-            depth_convention=cfg.depth_convention,
+            depth_convention=(
+                tally.majority
+                if cfg.depth_convention == schema.DEPTH_AUTO
+                else cfg.depth_convention
+            ),
             has_text=has_text,
             bad=bad,
             keep=cfg.keep_generations,
+            depth_orientation=tally.to_dict(),
         )
+        for warning in tally.warnings():
+            log.warning("%s: %s", name, warning)
         return PackResult(corpus, corpus.num_samples, bad)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -253,6 +274,10 @@ def _summary(results: list[PackResult]) -> str:
                 f"({mb:.1f} MiB), vocab {len(c.vocab)}, labels {c.label_size}, "
                 f"{len(res.bad)} bad samples skipped"
             )
+            if c.depth_orientation:
+                tally = OrientationTally.from_dict(c.depth_orientation)
+                lines.append(f"  {tally.summary()}")
+                lines += [f"  warning: {w}" for w in tally.warnings()]
         for b in res.bad[:50]:
             lines.append(f"  bad: {b['source']}: {b['reason']}")
         if len(res.bad) > 50:

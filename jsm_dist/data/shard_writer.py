@@ -1,10 +1,11 @@
 """Shard writing for :mod:`jsm_dist.data.pack`: samples in, a corpus on disk out.
 
 Holds the encoding of one sample into WebDataset members (``encode_sample``,
-``encode_meta``, ``sanitize_key``), deterministic tar writing (``write_tar``), the
+``encode_meta``, ``sample_key``), deterministic tar writing (``write_tar``), the
 handcrafted generation-0 labels at the store resolution (``label_inputs``,
 ``saliency_u8``, ``initial_labels``), the pool task that turns one list of records into
-shard tar(s) plus label files (``pack_task``, validating each sample on the way), and
+shard tar(s) plus label files (``pack_task``, validating each sample and deciding its
+depth orientation on the way, :mod:`jsm_dist.data.orientation`), and
 ``finalize_corpus``, which numbers the tars, writes label generation 0 and saves
 corpus.json. tests/helpers.py builds its corpora from the same functions.
 """
@@ -17,6 +18,7 @@ import json
 import os
 import re
 import tarfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,7 +26,7 @@ import cv2
 import numpy as np
 
 from jsm_dist import dist
-from jsm_dist.data import decode, sources
+from jsm_dist.data import decode, orientation, sources
 from jsm_dist.data.corpus import Corpus, ShardInfo
 from jsm_dist.data.decode import BadInput
 from jsm_dist.data.vocab import find_word
@@ -34,9 +36,32 @@ if TYPE_CHECKING:
 
 
 # ---- encoding and tar writing (shared with tests/helpers.py) ---------------------------
-def sanitize_key(text: str) -> str:
-    """A WebDataset key: no dots (the key ends at the first dot), no slashes."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", str(text)) or "_"
+# A plain key: ASCII letters, digits and "_", in runs joined by single "-"s.
+PLAIN_KEY = re.compile(r"[A-Za-z0-9_]+(?:-[A-Za-z0-9_]+)*")
+MAX_PLAIN_KEY = 100  # longer names are shortened (a key is part of file names: <key>.png)
+KEY_PREFIX = 48  # readable part of an encoded key
+KEY_HASH = 12  # hex digits of SHA-256 in an encoded key (48 bits)
+
+
+def sample_key(name: str) -> str:
+    """The WebDataset key of a sample name (file stem): unique, stable and safe.
+
+    WebDataset splits a member name ``<key>.<ext>`` at the first dot of its file name and
+    reads a slash as a folder, so a key holds neither; it also ends up in file names
+    (``jsm-labels export`` writes ``<key>.png``), so it is short and plain ASCII. A name
+    that is already such a plain key (``PLAIN_KEY``, at most 100 characters) is its own key;
+    any other name becomes ``<readable prefix>--<12 hex of SHA-256(name)>``: the prefix is
+    the name with every run of other characters replaced by ``_`` (cut to 48; ``name`` when
+    nothing readable is left). Plain keys never contain ``--``, so an encoded key never
+    equals a plain one, and the hash of the full name keeps encoded keys apart ("a b" and
+    "a_b", or any two CJK names). The original name stays in the sample's json ``name``.
+    """
+    name = str(name)
+    if len(name) <= MAX_PLAIN_KEY and PLAIN_KEY.fullmatch(name):
+        return name
+    prefix = re.sub(r"[^A-Za-z0-9_]+", "_", name).strip("_")[:KEY_PREFIX].strip("_") or "name"
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:KEY_HASH]
+    return f"{prefix}--{digest}"
 
 
 def encode_sample(raw: dict, *, rgb_format: str = "jpg", quality: int = 90) -> dict:
@@ -94,9 +119,17 @@ def saliency_u8(rgbs: list[np.ndarray], depths: list[np.ndarray], size: int) -> 
     return (np.clip(sal, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def initial_labels(rgbs: list[np.ndarray], depths: list[np.ndarray], convention: str, size: int):
-    """Handcrafted generation-0 labels of full-size samples: uint8 (n, size, size)."""
-    small = [label_inputs(r, d, convention, size) for r, d in zip(rgbs, depths, strict=True)]
+def initial_labels(
+    rgbs: list[np.ndarray],
+    depths: list[np.ndarray],
+    convention: str | Sequence[str],
+    size: int,
+):
+    """Handcrafted generation-0 labels of full-size samples: uint8 (n, size, size).
+
+    ``convention``: one for all samples, or one per sample (the packer's decisions)."""
+    conventions = [convention] * len(rgbs) if isinstance(convention, str) else list(convention)
+    small = [label_inputs(r, d, c, size) for r, d, c in zip(rgbs, depths, conventions, strict=True)]
     return saliency_u8([r for r, _ in small], [d for _, d in small], size)
 
 
@@ -129,6 +162,20 @@ def _prepare(cfg: PackConfig, raw: dict, has_text: bool) -> dict:
     else:
         meta.update(caption="", word="", word_pos=0)
     return {**raw, "rgb": rgb, "depth": depth, "gt": gt, "meta": meta}
+
+
+def _orient(mode: str, sample: dict, tally: orientation.OrientationTally) -> str:
+    """Decide (or take) the sample's depth orientation, record it in its meta (the json
+    member) and in ``tally``, with the ground truth's opinion where there is one."""
+    convention, found = orientation.decide(mode, sample["rgb"], sample["depth"])
+    meta = sample["meta"]
+    meta["depth_convention"] = convention
+    if found is not None:
+        meta["depth_orientation"] = found.to_meta()
+    gt = sample.get("gt")
+    gt_said = orientation.gt_implied(sample["depth"], gt) if gt is not None else None
+    tally.add(str(meta.get("name") or sample["key"]), convention, found, gt_said)
+    return convention
 
 
 def pack_task(args: tuple) -> dict:
@@ -165,12 +212,14 @@ def pack_task(args: tuple) -> dict:
         )
         reset()
 
+    tally = orientation.OrientationTally(cfg.depth_convention)
     reset()
     for record, raw in sources.load_records(cfg, records):
         try:
             if isinstance(raw, BadInput):
                 raise raw
             sample = _prepare(cfg, raw, has_text)
+            convention = _orient(cfg.depth_convention, sample, tally)
             members = encode_sample(sample, rgb_format=cfg.rgb_format, quality=cfg.jpeg_quality)
         except BadInput as exc:
             bad.append({"source": record.get("source", "?"), "reason": str(exc)})
@@ -180,16 +229,20 @@ def pack_task(args: tuple) -> dict:
             close_part()  # size bound: this sample starts the next shard
         members["json"] = encode_meta(sample["meta"], len(cur["samples"]))
         cur["samples"].append(members)
-        rgb_s, dep_s = label_inputs(
-            sample["rgb"], sample["depth"], cfg.depth_convention, label_size
-        )
+        rgb_s, dep_s = label_inputs(sample["rgb"], sample["depth"], convention, label_size)
         cur["rgbs"].append(rgb_s)  # only label-size copies are kept until the shard closes
         cur["depths"].append(dep_s)
         cur["bytes"] += size
         cur["sizes"].add(tuple(sample["rgb"].shape[:2]))
         cur["all_gt"] &= sample.get("gt") is not None
     close_part()
-    return {"task": task_id, "parts": parts, "bad": bad, "records": len(records)}
+    return {
+        "task": task_id,
+        "parts": parts,
+        "bad": bad,
+        "records": len(records),
+        "orientation": tally,
+    }
 
 
 # ---- the corpus: numbered shards, label generation 0, corpus.json --------------------
@@ -204,12 +257,13 @@ def finalize_corpus(
     has_text: bool,
     bad: list[dict],
     keep: int = 3,
+    depth_orientation: dict | None = None,
 ) -> Corpus:
     """Rename part tars to shard-%06d.tar, write label generation 0, save corpus.json.
 
     ``parts`` (in shard order): dicts with ``tar`` (path), ``labels`` (uint8 (n,h,w) array
     or a .npy path), ``count``, ``sha256``, ``bytes``, ``keys``, ``sizes`` (image (H, W)s
-    seen) and ``has_gt``.
+    seen) and ``has_gt``. ``depth_orientation``: the pack run's OrientationTally as a dict.
     """
     from jsm_dist.labels import LabelStore
 
@@ -232,6 +286,7 @@ def finalize_corpus(
         has_gt=all(p.get("has_gt", True) for p in parts),
         has_text=has_text,
         bad_samples=bad,
+        depth_orientation=depth_orientation or {},
     )
     single = dist.WorldInfo()
     store = LabelStore.create(

@@ -91,7 +91,7 @@ def _position(text: str) -> int | None:
 
 
 def _folder_records(cfg, with_text: bool) -> tuple[list[dict], list[str]]:
-    from jsm_dist.data.shard_writer import sanitize_key
+    from jsm_dist.data.shard_writer import sample_key
 
     root = Path(cfg.input)
     if not root.is_dir():
@@ -123,14 +123,16 @@ def _folder_records(cfg, with_text: bool) -> tuple[list[dict], list[str]]:
             words.append(r["Semantic"])
             if stem not in rgbs:
                 records.append({"source": f"CapS.csv:{r['Image']}", "bad": "missing rgb file"})
-    seen_keys: set[str] = set()
+    seen_keys: dict[str, str] = {}
     for stem, rgb_path in rgbs.items():
         rel = str(rgb_path.relative_to(root))
-        key = sanitize_key(stem)
-        if key in seen_keys:
-            records.append({"source": rel, "bad": f"duplicate key {key!r} after sanitising"})
+        key = sample_key(stem)
+        if key in seen_keys:  # only a 48-bit hash collision can get here
+            records.append(
+                {"source": rel, "bad": f"key {key!r} already used by {seen_keys[key]!r}"}
+            )
             continue
-        seen_keys.add(key)
+        seen_keys[key] = stem
         if stem not in depths:
             records.append({"source": rel, "bad": "missing depth file"})
             continue
@@ -216,7 +218,7 @@ def load_records(cfg, records: list[dict]) -> Iterator[tuple[dict, dict | BadInp
     synth_recs = [r for r in records if r.get("kind") == "synth"]
     if synth_recs:
         from jsm_dist.data import synth
-        from jsm_dist.data.shard_writer import sanitize_key
+        from jsm_dist.data.shard_writer import sample_key
 
         scfg = synth.SynthConfig(
             num_samples=cfg.num_samples, image_size=cfg.image_size, seed=cfg.seed
@@ -227,7 +229,7 @@ def load_records(cfg, records: list[dict]) -> Iterator[tuple[dict, dict | BadInp
                 yield (
                     rec,
                     {
-                        "key": sanitize_key(s["key"]),
+                        "key": sample_key(s["key"]),
                         "rgb": s["rgb"],
                         "rgb_jpeg": None,
                         "depth": s["depth"],

@@ -118,6 +118,25 @@ def test_packed_corpus_reads_only_rgb_members(tmp_path):
         assert arr.shape == (h, w) and abs(int(arr.mean()) - grey) <= 3
 
 
+def test_maps_of_a_packed_corpus_carry_the_original_names_and_match_the_gt(tmp_path):
+    from helpers import ODD_NAMES, write_benchmark_folder
+
+    from jsm_dist.data import pack
+    from jsm_dist.evaluate import evaluate_folder
+
+    src = write_benchmark_folder(tmp_path / "bench")
+    args = ["benchmark", "--input", str(src), "--out", str(tmp_path / "c"), "--no-progress"]
+    assert pack.main([*args, "--samples-per-shard", "5", "--workers", "1"]) == 0
+    items = pr.list_inputs(tmp_path / "c")
+    assert sorted(it.name for it in items) == sorted(ODD_NAMES)
+    summary = pr.predict_images(MeanModel(), items, tmp_path / "pred", _cfg())
+    assert summary["written"] == len(ODD_NAMES)
+    # jsm-eval matches prediction and GT by file stem: every sample pairs with its own GT
+    result = evaluate_folder(tmp_path / "pred", src / "GT")
+    assert result["num_images"] == len(ODD_NAMES)
+    assert not {"missing_pred", "missing_gt", "duplicate"} & set(result["issues"])
+
+
 def test_bad_inputs_are_reported(tmp_path):
     src = _jpeg_folder(tmp_path / "in", SIZES[:2])
     (src / "broken.jpg").write_bytes(b"not a jpeg")
