@@ -212,6 +212,7 @@ class WorkerStats:
         self.delivered: Counter = Counter()  # shard -> samples decoded
         self.unslotted = 0  # batches sent without a shared slot (all were still in use)
         self.retries = 0  # remote shard reads retried after a failure (data/remote.py)
+        self._last_tar_error: Exception | None = None
         self.warned = 0
 
     def _warn(self, msg: str) -> None:
@@ -222,7 +223,14 @@ class WorkerStats:
             self.log.warning("worker %d: further corrupt samples are only counted", self.worker)
 
     def tar_error(self, exc: Exception) -> bool:
-        """wds handler for tar-level failures: count, warn, go on with the next shard."""
+        """wds handler for tar-level failures: count, warn, go on with the next shard.
+
+        WebDataset hands one failed read to its handlers twice (the member being read, then
+        the next header); a remote shard that gave up re-raises the same exception object,
+        counted once here."""
+        if exc is self._last_tar_error:
+            return True
+        self._last_tar_error = exc
         self.shard_errors += 1
         unavailable = isinstance(exc, remote.ShardFetchError)
         self.reasons["unreadable shard source" if unavailable else "unreadable tar"] += 1

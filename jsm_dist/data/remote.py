@@ -197,8 +197,9 @@ class _PipeAttempt:
 class ShardReader(io.RawIOBase):
     """One remote shard as a sequential, seamless byte stream (see the module docstring).
 
-    ``size``/``sha256`` (corpus.json's; 0/"" = unknown) are checked at the end of the
-    stream. ``on_retry(source, attempt, wait_s, error)`` is told of every retry.
+    ``size`` (corpus.json's; 0 = unknown): a shorter stream is a drop, retried; a longer
+    one fails. ``sha256`` ("" = unknown): checked at the end, raised by :meth:`verify`.
+    ``on_retry(source, attempt, wait_s, error)`` is told of every retry.
     ``cancel`` (an event) makes the next read fail (stops a background download).
     """
 
@@ -217,6 +218,7 @@ class ShardReader(io.RawIOBase):
         self.on_retry, self.cancel = on_retry, cancel
         self.pos = 0  # bytes delivered so far
         self.failed: Exception | None = None  # set when the reader gave up
+        self.mismatch: ShardFetchError | None = None  # sha256 differs (see verify)
         self._hash = hashlib.sha256()
         self._attempt = None
         self._skip = 0  # bytes of the current attempt still to discard (resume without Range)
@@ -274,11 +276,18 @@ class ShardReader(io.RawIOBase):
     def _check_end(self) -> None:
         if self.size and self.pos < self.size:
             raise _Dropped(f"stream ended at byte {self.pos} of {self.size}")
-        if self.sha256 and self._hash.hexdigest() != self.sha256:
-            raise ShardFetchError(
+        if self.sha256 and self._hash.hexdigest() != self.sha256 and self.mismatch is None:
+            # reported by verify(), once the reader above is done: raising here would cut
+            # off whatever a buffered reader still holds, a tail that depends on buffering
+            self.mismatch = ShardFetchError(
                 f"{self.source}: sha256 {self._hash.hexdigest()[:16]}... differs from "
                 f"corpus.json's {self.sha256[:16]}...: the source is not this corpus' shard"
             )
+
+    def verify(self) -> None:
+        """After the end of the stream: raise if its content differs from corpus.json's."""
+        if self.mismatch is not None:
+            raise self.mismatch
 
     def _retry(self, exc: BaseException) -> None:
         self._close_attempt()
@@ -316,12 +325,13 @@ class ShardReader(io.RawIOBase):
 
 
 def drain(stream: BinaryIO) -> None:
-    """Read a remote stream to its end, so its size, sha256 and exit status get checked
-    (a tar parser stops at the end-of-archive block, before the record padding)."""
+    """Read a remote stream to its end and verify it: its size, exit status and sha256 are
+    checked there (a tar parser stops at the end-of-archive block, before the padding)."""
     raw = getattr(stream, "raw", None)
     if isinstance(raw, ShardReader) and raw.failed is None and not stream.closed:
         while stream.read(CHUNK):
             pass
+        raw.verify()
 
 
 # ---- the local cache ---------------------------------------------------------------------
@@ -366,6 +376,7 @@ def fetch_to_cache(
             buf = bytearray(CHUNK)
             while n := reader.readinto(buf):
                 out.write(memoryview(buf)[:n])
+            reader.verify()
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -503,6 +514,9 @@ def probe(source: str, policy: FetchPolicy, size: int = 0) -> None:
     """Read the first tar header of a remote shard: catches a wrong base URL, bucket or
     credentials before any training work (one small request; at most one retry)."""
     quick = FetchPolicy(min(policy.retries, 1), min(policy.wait_s, 1.0), policy.timeout_s)
+    # HTTP announces its length up front (a wrong upload fails here); a command's output
+    # length is known only at its end, so a short one must fail on its missing tar header
+    size = 0 if source.startswith("pipe:") else size
     with ShardReader(source, size=size, policy=quick) as reader:
         head = bytearray(512)
         got = 0
