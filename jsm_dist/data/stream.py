@@ -4,10 +4,10 @@ Pipeline of one loader worker (open_clip style: each boundary says what flows th
 
     shard ids of this worker, one pass (train: reshuffled per pass)   (_one_pass)
       -> {"url": source, "file", "bytes", "sha256"} (source: path, URL or pipe: command)
-    open each shard: local file; remote: retrying stream, or the verified copy in the
-    shard cache (the next shard downloads meanwhile)              (remote.shard_streams)
-      -> the same + {"stream"} (a remote one is drained and checked when it is done)
-    tar members grouped by key                   (WebDataset's tar_file_expander + grouping)
+    open each shard: local file; remote: retrying, resuming stream, or the verified copy
+    in the shard cache (the next one downloads meanwhile)     (shard_open.shard_streams)
+      -> the same + {"stream"} (a remote one is drained and verified when it is done)
+    tar members grouped by key              (wds tar_file_expander + group_by_keys)
       -> {"__key__", "__url__", "rgb.jpg"|"rgb.png", "depth.png", "json", ["gt.png"]}
     shuffle buffer (train only, seeded by epoch and pass)       (wds.shuffle)
       -> the same raw samples, in buffer order (drained at the end of each pass)
@@ -48,7 +48,7 @@ end-of-stream marker the wrapper swallows), so nothing is lost across process bo
 At the end of an epoch the loader logs the totals and keeps them in ``loader.stats``;
 the evaluation loader also reports samples of its shards that never arrived.
 
-Remote shards (``http(s)://`` URLs, ``pipe:`` commands; see remote.py and
+Remote shards (``http(s)://`` URLs, ``pipe:`` commands; see remote.py, shard_open.py and
 docs/remote_shards.md): a dropped connection is retried with backoff and resumed at the
 byte where it broke, so the stream above sees the same bytes as from a local file: the same
 samples, ids and label-store addressing. Retries are counted (``loader.stats["retries"]``);
@@ -83,7 +83,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from jsm_dist import dist, schema
-from jsm_dist.data import augment, decode, remote
+from jsm_dist.data import augment, decode, remote, shard_open
 from jsm_dist.data.batching import (
     SharedBatchRing,
     WorkerStats,
@@ -227,7 +227,7 @@ class _ShardStream(IterableDataset):
             lambda: iter(items),
             # -> raw samples {"__key__", "__url__", "<ext>": bytes}: opened (remote: retried,
             # cached), tar members grouped by key; bad tars and unreadable shards counted
-            wds.pipelinefilter(remote.tar_samples)(self._opener, handler=stats.tar_error),
+            wds.pipelinefilter(shard_open.tar_samples)(self._opener, handler=stats.tar_error),
             # raw samples -> the same, in shuffle-buffer order (train; buffer drained each pass)
             wds.shuffle(
                 cfg.shuffle_buffer,
@@ -275,7 +275,7 @@ class _ShardStream(IterableDataset):
             log.warning("worker %d: %s failed (%s); retry %d in %.1f s",
                         worker, source, reason, attempt, wait)  # fmt: skip
 
-        self._opener = remote.ShardOpener(remote.FetchPolicy.from_config(cfg), retried)
+        self._opener = shard_open.ShardOpener(remote.FetchPolicy.from_config(cfg), retried)
         base = dist.derive_seed(self.seed, self.rank, worker, self.epoch)
         aug_rng = np.random.default_rng(dist.derive_seed(base, 1))
         augmenting = self.train and cfg.augment

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from helpers import all_ids, label_value, make_tiny_corpus
 from shard_server import ShardServer
 
 from jsm_dist.config import parse_cli
-from jsm_dist.data import remote
+from jsm_dist.data import remote, shard_open
 from jsm_dist.data.corpus import Corpus
 from jsm_dist.data.stream import DataConfig, make_eval_loader, make_train_loader
 from jsm_dist.dist import WorldInfo
@@ -166,7 +167,7 @@ def test_shard_cache_refetches_a_wrong_copy_and_never_keeps_a_bad_download(corpu
     served = tmp_path / "served"
     _serve_tampered(corpus, served, 3)
     info = corpus.shards[3]
-    stale = remote.cache_path(cache, "", corpus.shards[0].file, corpus.shards[0].sha256)
+    stale = shard_open.cache_path(cache, "", corpus.shards[0].file, corpus.shards[0].sha256)
     cache.mkdir()
     stale.write_bytes(b"truncated")  # a wrong-size copy in the cache: fetched again
     with ShardServer(served) as server:
@@ -180,6 +181,24 @@ def test_shard_cache_refetches_a_wrong_copy_and_never_keeps_a_bad_download(corpu
     assert stale.read_bytes() == (corpus.root / corpus.shards[0].file).read_bytes()
     names = {p.name for p in cache.iterdir()}
     assert len(names) == len(UNEVEN) - 1 and not any(n.endswith(".part") for n in names)
+
+
+def test_cache_downloads_the_next_shard_while_one_is_read(corpus, tmp_path):
+    policy = remote.FetchPolicy(cache_dir=str(tmp_path / "cache"))
+    first, second, third = corpus.shards[:3]
+    with ShardServer(corpus.root) as server:
+        items = [
+            {"url": server.url + s.file, "file": s.file, "bytes": s.bytes, "sha256": s.sha256}
+            for s in (first, second, third)
+        ]
+        streams = shard_open.shard_streams(items, shard_open.ShardOpener(policy), lambda e: False)
+        item = next(streams)  # the consumer reads the first shard; nobody asked for the second
+        deadline = time.monotonic() + 20
+        while server.requests[second.file] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.requests[second.file] == 1 and server.requests[third.file] == 0
+        assert item["stream"].read() == (corpus.root / first.file).read_bytes()
+        streams.close()
 
 
 # ---- pipe: commands -------------------------------------------------------------------------
