@@ -180,12 +180,16 @@ class _PipeAttempt:
             raise _Dropped(what)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
+        """Stop the command if it still runs (closed early): SIGTERM, SIGKILL after 5 s."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if self.proc.poll() is not None:
+                break
             try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
+                os.killpg(self.proc.pid, sig)
+                self.proc.wait(timeout=5)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
                 pass
-            self.proc.wait()
+        self.proc.wait()
         self.proc.stdout.close()
         self.err.close()
 
