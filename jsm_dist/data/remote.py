@@ -258,7 +258,7 @@ class ShardReader(io.RawIOBase):
             if n == 0:
                 raise _Dropped(f"stream ended before byte {self.pos} (where the read resumes)")
             self._skip -= n
-        n = self._attempt.readinto(view[: len(view)])
+        n = self._attempt.readinto(view)
         if n == 0:
             self._attempt.finish()
             self._check_end()
