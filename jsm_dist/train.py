@@ -31,17 +31,19 @@ log = logging.getLogger("jsm_dist.train")
 
 def validate(cfg: Config):
     """Fail fast, before any process does work: corpus, label store, settings together."""
+    from jsm_dist.data import remote
     from jsm_dist.data.corpus import Corpus
     from jsm_dist.labels import LabelStore
 
     if not cfg.train.corpus:
         raise ValueError("train.corpus is required: --corpus <packed corpus dir> (see jsm-pack)")
-    corpus = Corpus.load(cfg.train.corpus)
+    corpus = Corpus.load(cfg.train.corpus, shard_base=cfg.data.shard_base)
     if not corpus.shards or corpus.num_samples == 0:
         raise ValueError(f"corpus {corpus.root} has no samples")
-    missing = [p for p in corpus.shard_paths if not os.path.isfile(p)]
+    missing = [p for p in corpus.shard_paths if not remote.is_remote(p) and not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(f"corpus {corpus.root}: missing shards {missing[:3]}")
+    remote.check_remote_shards(corpus, remote.FetchPolicy.from_config(cfg.data))
     store = LabelStore.open(corpus.label_dir)
     if list(store.shard_sizes) != corpus.shard_sizes:
         raise ValueError(

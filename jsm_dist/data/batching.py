@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from jsm_dist import schema
-from jsm_dist.data import decode
+from jsm_dist.data import decode, remote
 
 MAX_WARNINGS_PER_WORKER = 20  # detailed warnings per worker; later ones are only counted
 IMAGE_KEYS = (schema.RGB, schema.DEPTH, schema.LABEL, schema.GT)
@@ -211,6 +211,8 @@ class WorkerStats:
         self.reasons: Counter = Counter()
         self.delivered: Counter = Counter()  # shard -> samples decoded
         self.unslotted = 0  # batches sent without a shared slot (all were still in use)
+        self.retries = 0  # remote shard reads retried after a failure (data/remote.py)
+        self._last_tar_error: Exception | None = None
         self.warned = 0
 
     def _warn(self, msg: str) -> None:
@@ -221,9 +223,17 @@ class WorkerStats:
             self.log.warning("worker %d: further corrupt samples are only counted", self.worker)
 
     def tar_error(self, exc: Exception) -> bool:
-        """wds handler for tar-level failures: count, warn, go on with the next shard."""
+        """wds handler for tar-level failures: count, warn, go on with the next shard.
+
+        WebDataset hands one failed read to its handlers twice (the member being read, then
+        the next header); a remote shard that gave up re-raises the same exception object,
+        counted once here."""
+        if exc is self._last_tar_error:
+            return True
+        self._last_tar_error = exc
         self.shard_errors += 1
-        self.reasons["unreadable tar"] += 1
+        unavailable = isinstance(exc, remote.ShardFetchError)
+        self.reasons["unreadable shard source" if unavailable else "unreadable tar"] += 1
         self._warn(f"tar read error: {type(exc).__name__}: {str(exc)[:300]}")
         return True
 
@@ -243,6 +253,7 @@ class WorkerStats:
             "reasons": dict(self.reasons),
             "delivered": dict(self.delivered),
             "unslotted": self.unslotted,
+            "retries": self.retries,
         }
 
 

@@ -25,6 +25,10 @@ Layout of a packed corpus directory::
                       mode ("auto" or the explicit convention), margin, near_is_large /
                       far_is_large / uncertain counts, uncertain_samples, gt_checked,
                       gt_agree, gt_disagree_samples (names); {} for older corpora
+    shard_base        optional: where the shard files are read from instead of the corpus
+                      directory: a directory, an http(s):// base URL, or a pipe: command
+                      with {file} (see data/remote.py); a shard ``file`` that is itself a
+                      URL or pipe: command is read from there. The label store stays local.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from jsm_dist import schema
+from jsm_dist.data.remote import REMOTE_PREFIXES, resolve_source
 
 FORMAT = "jsm-corpus/1"
 
@@ -61,6 +66,7 @@ class Corpus:
     bad_samples: list[dict] = field(default_factory=list)
     labels: str = "labels"
     depth_orientation: dict = field(default_factory=dict)
+    shard_base: str = ""
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -89,7 +95,10 @@ class Corpus:
 
     @property
     def shard_paths(self) -> list[str]:
-        return [str(self.root / s.file) for s in self.shards]
+        """Where each shard is read from: a local path, an http(s):// URL or a ``pipe:``
+        command (with ``shard_base``; see data/remote.py). The loader's sample ids map
+        these sources back to shard indices."""
+        return [resolve_source(self.root, self.shard_base, s.file) for s in self.shards]
 
     @property
     def label_dir(self) -> Path:
@@ -101,7 +110,9 @@ class Corpus:
 
     # ---- io ----
     @classmethod
-    def load(cls, root: str | os.PathLike) -> Corpus:
+    def load(cls, root: str | os.PathLike, shard_base: str = "") -> Corpus:
+        """Read ``<root>/corpus.json``; a non-empty ``shard_base`` (``data.shard_base``)
+        replaces the file's (a relative directory then counts from the working directory)."""
         root = Path(root)
         path = root / "corpus.json"
         if not path.is_file():
@@ -113,12 +124,17 @@ class Corpus:
             raise ValueError(f"{path}: format {data.get('format')!r}, expected {FORMAT!r}")
         data.pop("format")
         data.pop("num_samples", None)
+        if shard_base:
+            local_dir = not shard_base.startswith(REMOTE_PREFIXES) and "{file}" not in shard_base
+            data["shard_base"] = os.path.abspath(shard_base) if local_dir else shard_base
         return cls(root=root, **data)
 
     def save(self) -> Path:
         """Write corpus.json atomically (temp file + os.replace)."""
         data = asdict(self)
         data.pop("root")
+        if not data["shard_base"]:
+            data.pop("shard_base")  # local shards: corpus.json as the packer always wrote it
         data = {"format": FORMAT, "num_samples": self.num_samples, **data}
         path = self.root / "corpus.json"
         tmp = path.with_suffix(".json.tmp")

@@ -3,8 +3,11 @@
 Pipeline of one loader worker (open_clip style: each boundary says what flows there)::
 
     shard ids of this worker, one pass (train: reshuffled per pass)   (_one_pass)
-      -> {"url": path}
-    tar members grouped by key                                  (wds.tarfile_to_samples)
+      -> {"url": source, "file", "bytes", "sha256"} (source: path, URL or pipe: command)
+    open each shard: local file; remote: retrying, resuming stream, or the verified copy
+    in the shard cache (the next one downloads meanwhile)     (shard_open.shard_streams)
+      -> the same + {"stream"} (a remote one is drained and verified when it is done)
+    tar members grouped by key              (wds tar_file_expander + group_by_keys)
       -> {"__key__", "__url__", "rgb.jpg"|"rgb.png", "depth.png", "json", ["gt.png"]}
     shuffle buffer (train only, seeded by epoch and pass)       (wds.shuffle)
       -> the same raw samples, in buffer order (drained at the end of each pass)
@@ -45,6 +48,12 @@ end-of-stream marker the wrapper swallows), so nothing is lost across process bo
 At the end of an epoch the loader logs the totals and keeps them in ``loader.stats``;
 the evaluation loader also reports samples of its shards that never arrived.
 
+Remote shards (``http(s)://`` URLs, ``pipe:`` commands; see remote.py, shard_open.py and
+docs/remote_shards.md): a dropped connection is retried with backoff and resumed at the
+byte where it broke, so the stream above sees the same bytes as from a local file: the same
+samples, ids and label-store addressing. Retries are counted (``loader.stats["retries"]``);
+a shard that stays unreadable counts like a corrupt tar (its unread samples are missing).
+
 Workers: ``num_workers`` processes per rank (0 = in the main process), never more than the
 rank's shards (clamped with a warning), started with ``start_method``. With ``fork`` (the
 default, fast) the loader first sets OpenCV to one thread in this process: forking while
@@ -74,7 +83,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from jsm_dist import dist, schema
-from jsm_dist.data import augment, decode
+from jsm_dist.data import augment, decode, remote, shard_open
 from jsm_dist.data.batching import (
     SharedBatchRing,
     WorkerStats,
@@ -85,7 +94,7 @@ from jsm_dist.data.batching import (
     rows,
 )
 from jsm_dist.data.corpus import Corpus
-from jsm_dist.settings import at_least, check_fields, setting
+from jsm_dist.settings import above, at_least, check_fields, setting
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +127,33 @@ class DataConfig(augment.AugmentConfig):
         "training step makes them float after the move to the device (free on a GPU, off the "
         "loader's cores); False: float32 from the loader. Evaluation loaders always hand out "
         "float32",
+    )
+
+    shard_base: str = setting(
+        "",
+        "where the training corpus' shards are read from, instead of corpus.json's "
+        "shard_base or the corpus directory: a directory, an http(s):// base URL, or a pipe: "
+        "command with {file} (e.g. 'pipe:aws s3 cp s3://bucket/corpus/{file} -'); corpus.json "
+        "and labels/ stay local (docs/remote_shards.md)",
+    )
+    shard_cache: str = setting(
+        "",
+        "directory keeping a verified copy of each remote shard (downloaded once, reused by "
+        "later epochs and refinement passes); empty: stream remote shards, keep nothing",
+    )
+    shard_retries: int = setting(
+        6,
+        "retries of a remote shard read that failed or dropped without progress (the read "
+        "resumes where it broke)",
+        check=at_least(0),
+    )
+    shard_retry_wait: float = setting(
+        1.0, "first wait before a retry, seconds (doubles per retry, up to 60)", check=above(0)
+    )
+    shard_timeout: float = setting(
+        60.0,
+        "a remote shard read with no data for this long is dropped and retried, seconds",
+        check=above(0),
     )
 
     def __post_init__(self) -> None:
@@ -179,13 +215,19 @@ class _ShardStream(IterableDataset):
         order = list(shards)
         if self.train:
             random.Random(dist.derive_seed(base, 2, pass_idx)).shuffle(order)
-        paths = self.corpus.shard_paths
+        paths, infos = self.corpus.shard_paths, self.corpus.shards
+        items = [
+            {"url": paths[s], "file": infos[s].file, "bytes": infos[s].bytes,
+             "sha256": infos[s].sha256}
+            for s in order
+        ]  # fmt: skip
         shuffling = self.train and cfg.shuffle_buffer > 1
         return wds.DataPipeline(
-            # this pass's shard order -> {"url": shard path}
-            lambda: iter([{"url": paths[s]} for s in order]),
-            # {"url"} -> raw samples {"__key__", "__url__", "<ext>": bytes}; bad tars counted
-            wds.tarfile_to_samples(handler=stats.tar_error),
+            # this pass's shard order -> {"url": shard source, "file", "bytes", "sha256"}
+            lambda: iter(items),
+            # -> raw samples {"__key__", "__url__", "<ext>": bytes}: opened (remote: retried,
+            # cached), tar members grouped by key; bad tars and unreadable shards counted
+            wds.pipelinefilter(shard_open.tar_samples)(self._opener, handler=stats.tar_error),
             # raw samples -> the same, in shuffle-buffer order (train; buffer drained each pass)
             wds.shuffle(
                 cfg.shuffle_buffer,
@@ -227,6 +269,13 @@ class _ShardStream(IterableDataset):
             return sample
 
         self._decoder = decode_one
+
+        def retried(source: str, attempt: int, wait: float, reason: str) -> None:
+            stats.retries += 1
+            log.warning("worker %d: %s failed (%s); retry %d in %.1f s",
+                        worker, source, reason, attempt, wait)  # fmt: skip
+
+        self._opener = shard_open.ShardOpener(remote.FetchPolicy.from_config(cfg), retried)
         base = dist.derive_seed(self.seed, self.rank, worker, self.epoch)
         aug_rng = np.random.default_rng(dist.derive_seed(base, 1))
         augmenting = self.train and cfg.augment
@@ -404,6 +453,8 @@ class StreamLoader:
             "missing": missing,
             # batches that found every shared slot in use (the consumer kept earlier ones)
             "unslotted": sum(s.get("unslotted", 0) for s in per_worker.values()),
+            # remote shard reads retried after a dropped connection / failed command
+            "retries": sum(s.get("retries", 0) for s in per_worker.values()),
             "read_gt": self.dataset.read_gt,  # False: gt rows are zeros, has_gt all False
         }
         if skipped or self.stats["shard_errors"] or missing:
@@ -420,6 +471,8 @@ class StreamLoader:
             )
         else:
             log.info("%s: %d batches, %d samples, no corrupt data", self.name, batches, samples)
+        if self.stats["retries"]:
+            log.warning("%s: %d remote shard reads retried", self.name, self.stats["retries"])
 
 
 # ---- factories --------------------------------------------------------------------------
