@@ -66,6 +66,8 @@ class TrainConfig:
     # generation init_generation (runs never touch each other's labels) | "corpus": refine the
     # corpus's own store in place | a directory path (seeded like "run" when empty)
     init_generation: int = 0  # corpus-store generation a run's labels start from
+    verify_shards: bool = False  # at start, also check every shard's sha256 against
+    # corpus.json (reads the whole corpus); sizes are always checked
     label_eval_max: int = 2000  # samples used to score each label generation vs GT
     tensorboard: bool = True
     image_grid_samples: int = 6  # rows of the image grid logged per refinement (0 = off)

@@ -39,9 +39,12 @@ def validate(cfg: Config):
     corpus = Corpus.load(cfg.train.corpus)
     if not corpus.shards or corpus.num_samples == 0:
         raise ValueError(f"corpus {corpus.root} has no samples")
-    missing = [p for p in corpus.shard_paths if not os.path.isfile(p)]
-    if missing:
-        raise FileNotFoundError(f"corpus {corpus.root}: missing shards {missing[:3]}")
+    if damaged := corpus.damaged_shards(checksums=cfg.train.verify_shards):
+        raise ValueError(
+            f"corpus {corpus.root}: {len(damaged)} damaged shard(s):\n  "
+            + "\n  ".join(damaged[:20])
+            + "\nrestore them or repack the corpus (jsm-pack); nothing was started"
+        )
     store = LabelStore.open(corpus.label_dir)
     if list(store.shard_sizes) != corpus.shard_sizes:
         raise ValueError(
@@ -231,6 +234,7 @@ def run(cfg: Config) -> TrainState:
             generation=stats.generation,
             seconds=stats.seconds,
             samples=stats.samples,
+            carried_over=stats.carried_over,  # unreadable samples that kept their old label
             mean_abs_change=stats.mean_abs_change,
             fg_old=stats.fg_fraction_old,
             fg_new=stats.fg_fraction_new,

@@ -15,6 +15,7 @@ Label modes (generation 0):
 
 from __future__ import annotations
 
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -171,3 +172,13 @@ def make_tiny_corpus(
 def all_ids(corpus: Corpus) -> set[tuple[int, int]]:
     """Every (shard, index) of a corpus."""
     return {(s, i) for s, n in enumerate(corpus.shard_sizes) for i in range(n)}
+
+
+def garble_member(path: str | Path, name: str) -> None:
+    """Overwrite a tar member's bytes in place with garbage: the tar structure and the
+    file size stay valid, the member no longer decodes (a corrupt sample)."""
+    with tarfile.open(path) as tar:
+        info = tar.getmember(name)
+    with open(path, "r+b") as f:
+        f.seek(info.offset_data)
+        f.write(b"\x00garbage" * (info.size // 8) + b"\x00" * (info.size % 8))

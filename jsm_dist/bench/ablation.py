@@ -109,7 +109,11 @@ def main(argv: list[str] | None = None) -> int:
 
     table, models, notes = [], [], []
     # the run report's label columns, less the per-pass ones that do not compare variants
-    cols = [c for c in runreport.LABEL_COLS if c not in ("generation", "L_d better", "change")]
+    cols = [
+        c
+        for c in runreport.LABEL_COLS
+        if c not in ("generation", "L_d better", "change", "carried over")
+    ]
     for name in [v for v in args.variants.split(",") if v]:
         run = out / name
         train_args = [

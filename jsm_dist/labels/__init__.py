@@ -12,14 +12,16 @@ Layout (``<store>`` is ``<corpus>/labels``)::
     <store>/gen-000003/shard-000000.u8      uint8 (n, h, w), C order, no header (np.memmap-able)
     <store>/gen-000003/shard-000000.side    float32 (n, k + 1): confidences (w_g, w_d; NaN when
                                             not given) then the generation that wrote the sample
+                                            (older than gen-000003: carried over, see below)
     <store>/gen-000003/shard-000000.json    the owner's write record: samples written, first
                                             missing indices, sha256 of .u8 and .side
 
 ``manifest.json`` (format ``jsm-labels/1``): ``label_size`` [h, w], ``dtype``, ``shard_sizes``,
 ``side_columns``, ``keep``, ``pinned``, ``current`` (-1 before the first commit) and
 ``generations``: one entry per committed, retained generation with ``committed_at``, ``host``,
-``world_size`` and per-shard ``sha256`` / ``side_sha256``. Label shard i mirrors data shard i;
-a sample's address is (shard, index in shard) and never the order a loader delivers.
+``world_size``, ``carried_over`` and per-shard ``sha256`` / ``side_sha256``. Label shard i
+mirrors data shard i; a sample's address is (shard, index in shard) and never the order a
+loader delivers.
 
 Protocol: writing generation g = current + 1 (g = 0: the initial labels, at pack time)
   1. every rank: ``w = store.writer(g)``. It creates ``gen-g/`` and deletes what a crashed
@@ -28,14 +30,23 @@ Protocol: writing generation g = current + 1 (g = 0: the initial labels, at pack
      ranks ever touch the same file.
   2. ``w.write(shard, indices, labels, conf)``, owned shards only (others raise): ``pwrite``
      into a sparse file at index * h * w; an in-memory bitmap records written samples.
+     ``w.carry_over(shard, indices)``: samples that could not be refined (the pass never
+     received them: a corrupt member, a truncated shard) keep their generation g - 1 label
+     byte for byte; their side row keeps the generation that wrote that label (so
+     ``side[:, -1] < g`` marks a carried-over sample, and says how old its label is) with
+     NaN confidences. Only for samples not written: it never replaces a new label, and it
+     is an explicit call (the refinement pass makes it for exactly the samples its loader
+     reported as never arrived); ``w.unwritten(shard)`` lists what is still missing.
   3. ``w.close()``: fsync each shard file, hash it (page cache), write + fsync the side file,
-     write the shard record (temp + ``os.replace``), fsync ``gen-g/``.
+     write the shard record (temp + ``os.replace``; ``carried_over`` counts the samples
+     carried over), fsync ``gen-g/``.
   4. ``store.commit(g)`` (collective under torch.distributed, via ``jsm_dist.dist``):
      barrier -> rank 0 checks every shard's record (its generation, written == n, file
-     sizes; checksums too with ``verify_checksums=True``). Any unwritten sample or missing
-     shard raises IncompleteGenerationError on EVERY rank and changes nothing (unwritten
-     samples are never committed as zeros). Otherwise, under the lock, rank 0 writes the
-     manifest with g appended and ``current = g`` (temp + fsync + ``os.replace`` + fsync of
+     sizes; checksums too with ``verify_checksums=True``). Any sample neither written nor
+     carried over, or a missing shard, raises IncompleteGenerationError on EVERY rank and
+     changes nothing (unwritten samples are never committed as zeros). Otherwise, under the
+     lock, rank 0 writes the manifest with g appended (its entry's ``carried_over`` = the
+     samples carried over) and ``current = g`` (temp + fsync + ``os.replace`` + fsync of
      the store directory) -> broadcast of the outcome (the second barrier) -> every rank
      refreshes -> rank 0 prunes old generations.
   A crash anywhere before the ``os.replace`` leaves g-1 current and intact (readers never

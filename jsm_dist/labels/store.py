@@ -425,13 +425,23 @@ class LabelStore:
                     "committed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "host": socket.gethostname(),
                     "world_size": world_size,
+                    # samples that kept their previous label (writer.carry_over)
+                    "carried_over": sum(e["carried_over"] for e in entries),
                     "shards": entries,
                 }
             )
             m["current"] = generation
 
         self._m = mf.update_manifest(self.root, change)
-        log.info("label store %s: committed generation %d", self.root, generation)
+        carried = mf.generation_entry(self._m, generation)["carried_over"]
+        log.info(
+            "label store %s: committed generation %d%s",
+            self.root,
+            generation,
+            f" ({carried} samples carried over from generation {generation - 1})"
+            if carried
+            else "",
+        )
 
     # ------------------------------------------------------------------ management
     def prune(self, keep: int | None = None) -> list[int]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import make_tiny_corpus
+from helpers import garble_member, label_value, make_tiny_corpus
 
 from jsm_dist.labels import LabelStore
 from jsm_dist.launcher import local_launch
@@ -187,3 +187,25 @@ def test_bad_settings_fail_before_work(corpus, tmp_path):
         cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False
     )
     assert res.returncode == 2 and "batch_size" in res.stderr
+
+
+# ---- unreadable data ----------------------------------------------------------------------------
+def test_unreadable_sample_keeps_its_label_through_a_crash_and_resume(tmp_path):
+    corpus = make_tiny_corpus(tmp_path / "c", shard_sizes=SHARDS, size=32)
+    garble_member(corpus.shard_paths[1], "tiny_001_0002.rgb.png")  # rank 1 refines shard 1
+    run = tmp_path / "run"
+    args = ["--corpus", str(corpus.root), "--out_dir", str(run), "--epochs", "1", "--tau", "1"]
+    res = launch(args, fault="refine_batch")  # rank 0 killed during the first refinement
+    assert res.returncode != 0
+    res = launch(args + ["--resume", "latest"])  # redoes the pass
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    refines = [r for r in records(run) if r.get("name") == "refine"]
+    assert [(r["carried_over"], r["samples"]) for r in refines] == [(1, sum(SHARDS) - 1)]
+    store = LabelStore.open(run / "labels")
+    assert store.generation == 1
+    kept = store.read(1, 2, generation=1)
+    assert kept.tobytes() == store.read(1, 2, generation=0).tobytes()  # byte for byte
+    assert (kept == label_value(1, 2)).all()  # = the corpus's generation-0 label
+    side = store.read_side(1, generation=1)
+    assert side[:, -1].tolist() == [1, 1, 0, 1, 1]  # the carried one: still generation 0's
+    assert store.manifest["generations"][-1]["carried_over"] == 1

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import all_ids, label_value, make_raw_sample, make_tiny_corpus
+from helpers import all_ids, garble_member, label_value, make_raw_sample, make_tiny_corpus
 
 from jsm_dist.data import decode
 from jsm_dist.data.batching import to_float
@@ -225,15 +225,6 @@ def test_corpus_without_text_gives_negative_class(tmp_path):
 
 
 # ---- corrupt data -------------------------------------------------------------------------
-def _corrupt_member(path, name: str) -> None:
-    """Overwrite a member's bytes in place with garbage (the tar structure stays valid)."""
-    with tarfile.open(path) as tar:
-        info = tar.getmember(name)
-    with open(path, "r+b") as f:
-        f.seek(info.offset_data)
-        f.write(b"\x00garbage" * (info.size // 8) + b"\x00" * (info.size % 8))
-
-
 def _drop_member(path, name: str) -> None:
     with tarfile.open(path) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers() if m.name != name]
@@ -247,7 +238,7 @@ def _drop_member(path, name: str) -> None:
 @pytest.mark.parametrize("workers", [0, 2])
 def test_corrupt_member_is_skipped_counted_and_reported(tmp_path, workers, caplog):
     corpus = make_tiny_corpus(tmp_path, shard_sizes=[4, 5, 3])
-    _corrupt_member(corpus.shard_paths[1], "tiny_001_0002.rgb.png")
+    garble_member(corpus.shard_paths[1], "tiny_001_0002.rgb.png")
     _drop_member(corpus.shard_paths[2], "tiny_002_0000.depth.png")
     with caplog.at_level(logging.WARNING, logger="jsm_dist.data.stream"):
         loader = make_eval_loader(corpus, _cfg(num_workers=workers), world=WorldInfo())
