@@ -64,7 +64,8 @@ class TrainConfig:
     keep_generations: int = 4  # label-store generations kept on disk
     label_store: str = "run"  # "run": <out_dir>/labels seeded from the corpus store's
     # generation init_generation (runs never touch each other's labels) | "corpus": refine the
-    # corpus's own store in place | a directory path (seeded like "run" when empty)
+    # corpus's own store in place | a directory path (seeded like "run" when new or empty; a
+    # start refuses an existing store unless it resumes the run it belongs to)
     init_generation: int = 0  # corpus-store generation a run's labels start from
     verify_shards: bool = False  # at start, also check every shard's sha256 against
     # corpus.json (reads the whole corpus); sizes are always checked

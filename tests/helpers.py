@@ -41,6 +41,7 @@ def make_raw_sample(
     with_text: bool = True,
     with_gt: bool = True,
     depth_dtype=np.uint16,
+    key_prefix: str = "tiny",
 ) -> dict:
     """One raw sample as the packer takes it (see jsm_dist.data.sources)."""
     rng = np.random.default_rng([shard, index])
@@ -65,7 +66,7 @@ def make_raw_sample(
     if with_text:
         meta.update(caption=f"a {word} in front of the wall", word=word, word_pos=1)
     return {
-        "key": f"tiny_{shard:03d}_{index:04d}",
+        "key": f"{key_prefix}_{shard:03d}_{index:04d}",
         "rgb": rgb,
         "rgb_jpeg": None,
         "depth": depth,
@@ -86,11 +87,14 @@ def make_tiny_corpus(
     with_gt: bool = True,
     rgb_format: str = "png",
     name: str = "tiny",
+    key_prefix: str = "tiny",
 ) -> Corpus:
     """Write a packed corpus to ``tmp_path/name`` and return it (loaded from disk).
 
     ``n`` (optional) splits n samples into shards of ``shard_sizes[0]`` each instead.
     ``rgb_format="png"`` keeps RGB lossless so tests can compare pixels exactly.
+    ``key_prefix`` starts every sample key (``<prefix>_<shard>_<index>``): two corpora
+    with the same shard sizes but other prefixes hold different samples.
     """
     if n is not None:
         k = shard_sizes[0]
@@ -101,7 +105,8 @@ def make_tiny_corpus(
     parts = []
     for s, count in enumerate(shard_sizes):
         raws = [
-            make_raw_sample(s, i, size, with_text=with_text, with_gt=with_gt) for i in range(count)
+            make_raw_sample(s, i, size, with_text=with_text, with_gt=with_gt, key_prefix=key_prefix)
+            for i in range(count)
         ]
         encoded = []
         for i, raw in enumerate(raws):

@@ -89,6 +89,7 @@ from jsm_dist.labels.manifest import (
     GenerationGoneError,
     IncompleteGenerationError,
     LabelStoreError,
+    WrongCorpusError,
 )
 from jsm_dist.labels.store import LabelStore
 from jsm_dist.labels.writer import GenerationWriter
@@ -100,5 +101,6 @@ __all__ = [
     "IncompleteGenerationError",
     "LabelStore",
     "LabelStoreError",
+    "WrongCorpusError",
     "main",
 ]

@@ -76,6 +76,7 @@ class LabelStore:
         keys: Sequence[Sequence[str]] | None = None,
         conf_names: Sequence[str] = DEFAULT_CONF_NAMES,
         overwrite: bool = False,
+        extra: dict | None = None,
     ) -> LabelStore:
         """Create an empty store (no generation yet) in ``root``. Not collective: call it
         on one process, then let the others :meth:`open` it after a barrier.
@@ -88,6 +89,8 @@ class LabelStore:
             keys: optional sample keys per shard (used by ``export`` / ``diff --gt-dir``).
             conf_names: names of the per-sample float32 side values a writer may pass.
             overwrite: replace an existing store (its generations are deleted).
+            extra: more top-level manifest fields, kept across commits (a training run's
+                store records its corpus and run directory here: ``labels/runstore.py``).
         """
         root = Path(root)
         sizes = [int(n) for n in shard_sizes]
@@ -129,6 +132,9 @@ class LabelStore:
             "generations": [],
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        if clash := sorted(set(extra or {}) & set(data)):
+            raise ValueError(f"extra manifest fields {clash} would replace the store's own")
+        data.update(extra or {})
         with mf.locked(root):
             mf.write_json_atomic(root / mf.MANIFEST, data)
         return cls(root, data)

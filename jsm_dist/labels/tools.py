@@ -37,12 +37,40 @@ def corpus_of(store: LabelStore):
     corpus = Corpus.load(parent)
     if corpus.label_dir.resolve() != store.root.resolve():
         return None
-    if corpus.shard_sizes != store.shard_sizes:
-        raise mf.LabelStoreError(
-            f"corpus {parent} shard sizes {corpus.shard_sizes[:5]}... differ from the store's "
-            f"{store.shard_sizes[:5]}..."
-        )
+    check_belongs(store, corpus)
     return corpus
+
+
+def read_keys(root: Path) -> list[list[str]] | None:
+    """Sample keys per shard from ``<root>/keys.json``, None when the store has none."""
+    path = Path(root) / mf.KEYS
+    return mf.read_json(path)["shards"] if path.is_file() else None
+
+
+def check_belongs(store: LabelStore, corpus) -> None:
+    """Raise WrongCorpusError unless ``store`` holds labels of ``corpus``'s samples: same
+    shard sizes and, where both record them, the same sample keys (two corpora can share
+    shard sizes; their keys tell them apart)."""
+    where = f"label store {store.root} and corpus {corpus.root}"
+    if list(store.shard_sizes) != list(corpus.shard_sizes):
+        raise mf.WrongCorpusError(
+            f"{where} do not match: shard sizes {store.shard_sizes[:5]}... vs "
+            f"{corpus.shard_sizes[:5]}..."
+        )
+    if store.root.resolve() == Path(corpus.label_dir).resolve():
+        return  # the corpus's own store
+    mine, theirs = read_keys(store.root), read_keys(corpus.label_dir)
+    if mine is None or theirs is None:
+        log.warning("%s: sample keys not recorded on both sides; not compared", where)
+        return
+    for s, (a, b) in enumerate(zip(mine, theirs)):
+        if a != b:
+            i = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+            raise mf.WrongCorpusError(
+                f"{where} do not match: the store belongs to another corpus (sample keys "
+                f"differ: shard {s} index {i} is {a[i]!r} in the store's {mf.KEYS}, "
+                f"{b[i]!r} in the corpus)"
+            )
 
 
 def _split_member(name: str) -> tuple[str, str]:
@@ -75,9 +103,9 @@ def sample_keys(store: LabelStore, shard: int) -> list[str]:
     """Sample keys of one shard: keys.json (given at create), else the corpus tars, else
     ``s<shard>-i<index>`` names."""
     n = store.shard_sizes[shard]
-    path = store.root / mf.KEYS
-    if path.is_file():
-        keys = mf.read_json(path)["shards"][shard]
+    stored = read_keys(store.root)
+    if stored is not None:
+        keys = stored[shard]
     else:
         corpus = corpus_of(store)
         if corpus is None:
@@ -141,9 +169,9 @@ def fsck(
     m = store.manifest
     h, w = store.label_size
     k = len(store.side_columns)
-    keys_path = store.root / mf.KEYS
-    if keys_path.is_file():
-        lens = [len(x) for x in mf.read_json(keys_path)["shards"]]
+    keys = read_keys(store.root)
+    if keys is not None:
+        lens = [len(x) for x in keys]
         if lens != store.shard_sizes:
             rep.problems.append(f"{mf.KEYS}: keys per shard {lens[:8]} != shard sizes")
     if store.generation < 0:
