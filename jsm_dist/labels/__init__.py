@@ -23,6 +23,13 @@ Layout (``<store>`` is ``<corpus>/labels``)::
 mirrors data shard i; a sample's address is (shard, index in shard) and never the order a
 loader delivers.
 
+A training run's own store (``<out_dir>/labels``, seeded from a corpus store: see
+``labels/runstore.py``) has ``keys.json`` (the corpus's sample keys) and two more manifest
+fields: ``corpus`` (``root``, absolute, and ``relative`` to the store; ``name``; ``labels``, the
+corpus store; ``generation``, the one it was seeded from) and ``run_dir``. ``tools.corpus_of``
+finds a store's corpus (the directory around it, else that link) and checks that shard sizes
+and sample keys agree, so every tool works on a run's store as on a corpus's.
+
 Protocol: writing generation g = current + 1 (g = 0: the initial labels, at pack time)
   1. every rank: ``w = store.writer(g)``. It creates ``gen-g/`` and deletes what a crashed
      attempt left in the shards THIS rank owns (``dist.owner_of_shard(s, world) == rank``):
@@ -80,7 +87,8 @@ Retention, rollback, pins (rank 0 / one process; manifest updates hold ``.lock``
 Requirements: every rank sees the store on one shared filesystem (rank 0 checks the other
 ranks' records); ``flock`` must work there (local disks, Lustre/GPFS with flock enabled).
 
-CLI: ``jsm-labels {info,fsck,export,diff,rollback,pin} STORE ...`` (``--help`` on each).
+CLI: ``jsm-labels {info,fsck,export,diff,rollback,pin} STORE ...`` (``--help`` on each);
+STORE may also be a packed corpus or a training run directory (their ``labels/``).
 """
 
 from jsm_dist.labels.cli import main

@@ -15,9 +15,10 @@ Nothing a start does may destroy labels that are not its own to replace:
   first checkpoint: it is re-seeded);
 * a directory that holds something other than a label store is not written into.
 
-The seeded store records the corpus's sample keys (``keys.json``: what tells two corpora
-with the same shard sizes apart) and, in the manifest field ``run_dir``, the run that
-seeded it.
+The seeded store knows where it came from: ``keys.json`` (the corpus's sample keys, so
+``jsm-labels export`` names files ``<key>.png``) and two manifest fields, ``corpus`` (the
+corpus root, absolute and relative to the store, its name, its store and the generation
+seeded from; ``labels.tools.corpus_of`` follows it) and ``run_dir`` (the run that seeded it).
 Every check here reads files only, so it runs on every rank before the process group starts.
 """
 
@@ -30,7 +31,7 @@ from pathlib import Path
 from jsm_dist import dist
 from jsm_dist.labels import manifest as mf
 from jsm_dist.labels.store import LabelStore
-from jsm_dist.labels.tools import check_belongs, sample_keys
+from jsm_dist.labels.tools import check_belongs, corpus_link, sample_keys
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,10 @@ def seed_run_store(plan: StorePlan, corpus, src: LabelStore, train) -> LabelStor
             keep=train.keep_generations,
             keys=[sample_keys(src, s) for s in range(src.num_shards)],
             overwrite=plan.overwrite,
-            extra={"run_dir": str(Path(train.out_dir).resolve())},
+            extra={
+                "corpus": corpus_link(corpus, root, train.init_generation),
+                "run_dir": str(Path(train.out_dir).resolve()),
+            },
         )
     dist.barrier()
     store = LabelStore.open(root)

@@ -1,4 +1,4 @@
-"""A training run's own label store: a start never destroys labels it does not own.
+"""A training run's own label store: never destroys other labels, knows its corpus and keys.
 
 One real (tiny, 1-process) training run makes the store; the label tools and the trainer
 are then driven through their main() functions.
@@ -6,13 +6,19 @@ are then driven through their main() functions.
 
 from __future__ import annotations
 
+import csv
+import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import make_tiny_corpus
+from PIL import Image
 
 from jsm_dist.config import TrainConfig
 from jsm_dist.labels import LabelStore
@@ -49,6 +55,101 @@ def trained(tmp_path_factory):
 def snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if
             p.is_file() and p.name != ".lock"}  # fmt: skip
+
+
+# ---- the run's store knows its corpus and keys ------------------------------------------------
+def test_info_and_fsck_on_a_run_store(trained, capsys) -> None:
+    corpus, run = trained
+    assert labels_cli("info", run / "labels", "--json") == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["corpus"]["root"] == str(corpus.root.resolve()) and info["keys"]
+    assert info["run_dir"] == str(run.resolve()) and info["corpus"]["generation"] == 0
+    assert labels_cli("info", run) == 0  # a run directory is accepted too
+    assert f"corpus       {corpus.root.resolve()}" in capsys.readouterr().out
+    assert labels_cli("fsck", run / "labels", "--all") == 0
+    out = capsys.readouterr().out
+    assert "clean" in out and "corpus:" not in out
+
+
+def test_export_names_files_by_sample_key(trained, tmp_path) -> None:
+    corpus, run = trained
+    assert labels_cli("export", run / "labels", "--gen", 1, "--out", tmp_path) == 0
+    store = LabelStore.open(run / "labels")
+    keys = json.loads((corpus.label_dir / "keys.json").read_text())["shards"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"{k}.png" for ks in keys for k in ks
+    )
+    for s, ks in enumerate(keys):
+        for i, k in enumerate(ks):
+            got = np.asarray(Image.open(tmp_path / f"{k}.png"))
+            np.testing.assert_array_equal(got, store.read(s, i, generation=1))
+
+
+def test_diff_compares_with_the_corpus_gt(trained, tmp_path, capsys) -> None:
+    _, run = trained
+    table = tmp_path / "d.csv"
+    assert labels_cli("diff", run / "labels", "--a", 0, "--b", 1, "--csv", table) == 0
+    assert f"vs GT ({sum(SIZES)} samples)" in capsys.readouterr().out
+    rows = list(csv.DictReader(table.read_text().splitlines()))
+    assert len(rows) == sum(SIZES) and all(r["mae_a"] and r["sm_b"] for r in rows)
+
+
+def test_diff_gt_dir_is_never_ignored(trained, tmp_path, capsys, caplog) -> None:
+    corpus, run = trained
+    keys = [k for ks in json.loads((corpus.label_dir / "keys.json").read_text())["shards"]
+            for k in ks]  # fmt: skip
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 255
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    for i in range(len(keys)):  # GT named otherwise than the store's keys
+        Image.fromarray(mask).save(wrong / f"img_{i:04d}.png")
+    with caplog.at_level(logging.ERROR):
+        assert labels_cli("diff", run / "labels", "--a", 0, "--b", 1, "--gt-dir", wrong) == 1
+    assert "none of the store's 5 samples has a ground-truth file" in caplog.text
+    assert f"{keys[0]}.png" in caplog.text and "img_0000.png" in caplog.text
+    part = tmp_path / "part"
+    part.mkdir()
+    for k in keys[:3]:
+        Image.fromarray(mask).save(part / f"{k}.png")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert labels_cli("diff", run / "labels", "--a", 0, "--b", 1, "--gt-dir", part) == 0
+    assert "ground truth for 3 of 5 samples only; 2 have no <key>.png" in caplog.text
+    out = capsys.readouterr().out
+    assert "vs GT (3 samples)" in out and "without GT             2 samples" in out
+
+
+def test_jsm_eval_labels_on_a_run_store(trained, capsys) -> None:
+    from jsm_dist.evaluate import main as eval_main
+
+    _, run = trained
+    assert eval_main(["--labels", str(run / "labels"), "--workers", "1", "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "gen-0" in out and "gen-1" in out
+
+
+def test_rollback_on_a_run_store(trained, tmp_path, capsys) -> None:
+    _, run = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    assert labels_cli("rollback", copy / "labels", "--to", 0) == 0
+    assert LabelStore.open(copy / "labels").generations == [0]
+    assert "from generation 1 to 0" in capsys.readouterr().out
+
+
+def test_a_run_store_linked_to_another_corpus_is_damage(trained, tmp_path, capsys) -> None:
+    _, run = trained
+    other = make_tiny_corpus(tmp_path, shard_sizes=SIZES, key_prefix="other", name="other")
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    manifest = json.loads((copy / "labels" / "manifest.json").read_text())
+    manifest["corpus"]["root"] = str(other.root.resolve())  # points at a look-alike corpus
+    (copy / "labels" / "manifest.json").write_text(json.dumps(manifest))
+    assert labels_cli("fsck", copy / "labels") == 1
+    out = capsys.readouterr().out
+    assert "DAMAGE" in out and "sample keys differ" in out
+    assert "'tiny_000_0000'" in out and "'other_000_0000'" in out
 
 
 # ---- starting a run never destroys labels -----------------------------------------------------
