@@ -5,9 +5,9 @@ Protocol (one call of :func:`refine_labels`, all ranks together)::
     every rank : eval mode, no grad; stream the shards it owns (owner rule
                  ``shard % world_size == rank``), un-augmented, each sample once;
                  new labels = JSMModel.refine(batch) (+ optional dense CRF);
-                 write them into generation g+1 of the store; flush + fsync
-                 samples its loader never delivered (unreadable: corrupt member, truncated
-                 shard) keep their generation-g label: ``writer.carry_over``, counted
+                 write them into generation g+1 of the store; samples its loader never
+                 delivered (unreadable: corrupt member, truncated shard) keep their
+                 generation-g label (``writer.carry_over``, counted); flush + fsync
     barrier    : LabelStore.commit(g+1): rank 0 checks every shard is complete and
                  switches the manifest atomically; barrier
     rank 0     : per-generation statistics (label change, JSM weights, foreground

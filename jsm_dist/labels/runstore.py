@@ -35,8 +35,6 @@ from jsm_dist.labels.tools import check_belongs, corpus_link, sample_keys
 
 log = logging.getLogger(__name__)
 
-ACTIONS = ("corpus", "open", "seed")
-
 
 @dataclass(frozen=True)
 class StorePlan:
