@@ -110,10 +110,16 @@ class TrainConfig:
         "run",
         '"run": <out_dir>/labels seeded from the corpus store\'s generation init_generation '
         "(runs never touch each other's labels) | \"corpus\": refine the corpus's own store in "
-        "place | a directory path (seeded like run when empty)",
+        "place | a directory path (seeded like run when new or empty; a start refuses an "
+        "existing store unless it resumes the run it belongs to)",
     )
     init_generation: int = setting(
         0, "corpus-store generation a run's labels start from", check=at_least(0)
+    )
+    verify_shards: bool = setting(
+        False,
+        "at start, also check every shard's sha256 against corpus.json (reads the whole "
+        "corpus); sizes are always checked",
     )
     label_eval_max: int = setting(
         2000, "samples used to score each label generation against GT", check=at_least(0)

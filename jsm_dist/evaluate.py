@@ -197,22 +197,26 @@ def evaluate_label_store(
 ) -> dict[str, dict[str, dict]]:
     """Every retained label-store generation vs the corpus GT: results["gen-<g>"][corpus].
 
-    ``labels`` is a packed corpus folder or its label store. Labels (stored at the store
-    resolution) are resized to each GT's original size; samples without ``gt.png`` are
-    counted as ``missing_gt``. ``shards`` restricts to a split (e.g. held-out shards).
+    ``labels`` is a packed corpus folder or its label store, or a training run's store (or
+    run directory): its manifest names the corpus it was seeded from. Labels (stored at the
+    store resolution) are resized to each GT's original size; samples without ``gt.png``
+    are counted as ``missing_gt``. ``shards`` restricts to a split (e.g. held-out shards).
     """
-    from jsm_dist.labels import LabelStore
-    from jsm_dist.labels.tools import corpus_of, iter_tar_samples
 
-    root = Path(labels)
-    if (root / "corpus.json").is_file():
-        from jsm_dist.data.corpus import Corpus
+    from jsm_dist.labels import LabelStore, LabelStoreError
+    from jsm_dist.labels.tools import corpus_of, iter_tar_samples, store_dir
 
-        root = Corpus.load(root).label_dir
+    root = store_dir(labels)
     store = LabelStore.open(root)
-    corpus = corpus_of(store)
+    try:
+        corpus = corpus_of(store)
+    except LabelStoreError as e:
+        raise ValueError(str(e)) from e
     if corpus is None:
-        raise FileNotFoundError(f"label store {root} has no packed corpus beside it (no GT)")
+        raise FileNotFoundError(
+            f"label store {root} knows no corpus (it is not a corpus's labels/ and records "
+            "none), so there is no GT to compare with"
+        )
     gens = list(generations) if generations is not None else store.generations
     if gone := sorted(set(gens) - set(store.generations)):
         raise ValueError(f"generations {gone} not retained in {root} (have {store.generations})")
@@ -281,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--labels",
         type=Path,
         default=None,
-        help="packed corpus (or its label store): evaluate every retained label generation",
+        help="packed corpus, label store or training run directory: evaluate every "
+        "retained label generation against the corpus GT",
     )
     add("--generations", type=int, nargs="+", default=None, help="only these label generations")
     add("--shards", type=int, nargs="+", default=None, help="only these corpus shards (a split)")

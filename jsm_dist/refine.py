@@ -5,7 +5,9 @@ Protocol (one call of :func:`refine_labels`, all ranks together)::
     every rank : eval mode, no grad; stream the shards it owns (owner rule
                  ``shard % world_size == rank``), un-augmented, each sample once;
                  new labels = JSMModel.refine(batch) (+ optional dense CRF);
-                 write them into generation g+1 of the store; flush + fsync
+                 write them into generation g+1 of the store; samples its loader never
+                 delivered (unreadable: corrupt member, truncated shard) keep their
+                 generation-g label (``writer.carry_over``, counted); flush + fsync
     barrier    : LabelStore.commit(g+1): rank 0 checks every shard is complete and
                  switches the manifest atomically; barrier
     rank 0     : per-generation statistics (label change, JSM weights, foreground
@@ -14,6 +16,14 @@ Protocol (one call of :func:`refine_labels`, all ranks together)::
 A crash anywhere before the commit leaves generation g current and intact; the training
 loop checkpoints with ``refine_pending`` before calling this, so a resumed run redoes the
 pass (refinement is deterministic: eval mode, fixed order) instead of losing it.
+
+Unreadable samples. The loader skips and counts a sample it cannot decode (see
+data/stream.py); the pass then carries that sample's previous label over into g+1 (marked
+in the side data: its writer-generation column keeps the older generation, confidences
+NaN) so one bad sample never blocks a commit. Carry-over covers exactly the samples the
+loader reports as never arrived; a shard where the writer lacks more or fewer samples than
+that is left incomplete, and the commit refuses it as before (a bug must not be papered
+over).
 """
 
 from __future__ import annotations
@@ -49,6 +59,7 @@ class RefineStats:
     quality_old: dict = field(default_factory=dict)  # metrics of generation g vs GT
     quality_new: dict = field(default_factory=dict)  # metrics of generation g+1 vs GT
     choice: dict = field(default_factory=dict)  # candidate_choice() vs GT (rank 0)
+    carried_over: int = 0  # unreadable samples that kept their generation-g label (all ranks)
     grid: list = field(default_factory=list)  # a few rows for the image grid (rank 0)
 
 
@@ -89,8 +100,9 @@ def refine_labels(
 
     writer = store.writer(new_gen)
     loader = make_eval_loader(corpus, data_cfg, world=world)
-    # per-rank sums: samples, |change|, fg old, fg new, w_g, w_g^2, text conf, text-conf count
-    sums = np.zeros(8, dtype=np.float64)
+    # per-rank sums: samples, |change|, fg old, fg new, w_g, w_g^2, text conf, text-conf
+    # count, carried over
+    sums = np.zeros(9, dtype=np.float64)
     # (old, new, gt, candidate) uint8 at the store size, w_d float32
     evals: list[tuple[np.ndarray, ...]] = []
     n_eval = 0
@@ -159,6 +171,7 @@ def refine_labels(
                         "gt": batch[schema.GT][i, 0].cpu().numpy(),
                     }
                 )
+    sums[8] = carry_over_undelivered(writer, loader.stats.get("missing", {}))
     writer.close()
     store.commit(new_gen)  # collective: barrier, rank-0 verify + manifest, barrier
     store.refresh()
@@ -167,7 +180,7 @@ def refine_labels(
 
     tot = dist.all_reduce_sum(sums.tolist())
     n = max(tot[0], 1.0)
-    stats = RefineStats(generation=new_gen, samples=int(tot[0]))
+    stats = RefineStats(generation=new_gen, samples=int(tot[0]), carried_over=int(tot[8]))
     stats.mean_abs_change = tot[1] / n
     stats.fg_fraction_old = tot[2] / n
     stats.fg_fraction_new = tot[3] / n
@@ -198,6 +211,45 @@ def refine_labels(
     stats.seconds = time.perf_counter() - t0
     dist.barrier()
     return stats
+
+
+def carry_over_undelivered(writer, missing: dict[int, int]) -> int:
+    """Carry the previous label over for the samples of this rank's shards that the loader
+    never delivered; returns how many.
+
+    ``missing``: the eval loader's ``stats["missing"]`` ({shard: samples that never
+    arrived}). A shard is carried over only when the writer lacks exactly that many samples;
+    otherwise it is left incomplete (logged), and the commit refuses the generation on
+    every rank (no rank raises here, so none is left waiting at the commit's barrier).
+    """
+    store, total = writer.store, 0
+    for s in writer.owned:
+        if store.shard_sizes[s] == 0:
+            continue
+        left = writer.unwritten(s)
+        expected = int(missing.get(s, 0))
+        if left.size != expected:
+            log.error(
+                "refinement of generation %d: shard %d lacks %d samples but its loader "
+                "reported %d never arrived: not carried over (the commit will refuse it)",
+                writer.generation,
+                s,
+                left.size,
+                expected,
+            )
+            continue
+        if left.size:
+            total += writer.carry_over(s, left)
+            log.warning(
+                "refinement of generation %d: shard %d: %d unreadable samples keep their "
+                "generation %d labels (carried over; first indices %s)",
+                writer.generation,
+                s,
+                left.size,
+                writer.generation - 1,
+                left[:10].tolist(),
+            )
+    return total
 
 
 def candidate_choice(

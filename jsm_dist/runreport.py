@@ -40,6 +40,7 @@ LABEL_COLS = (
     "favours better",
     "L_d better",
     "change",
+    "carried over",
 )
 
 
@@ -68,6 +69,8 @@ def label_rows(records: list[dict]) -> list[dict]:
             "w_g std": ev.get("w_g_std", math.nan),
             "text conf": ev.get("text_conf", math.nan),
             "change": ev.get("mean_abs_change", math.nan),
+            # samples the pass could not read (they kept their previous label)
+            "carried over": ev.get("carried_over", math.nan),
             "favours better": (ev.get("choice") or {}).get("favours_better", math.nan),
             "L_d better": (ev.get("choice") or {}).get("cand_better", math.nan),
             "seconds": ev.get("seconds", math.nan),
@@ -259,7 +262,9 @@ def build_report(run: Path, eval_corpus: str | None, out: Path) -> Path:
             "`favours better` = share of samples whose update weighted the candidate with "
             "the higher S-measure against GT more (a weight within 0.01 of 0.5 counts as "
             "not); `L_d better` = share where that is the depth-refined candidate (the base "
-            "rate). Both need GT in the training corpus (diagnostics only)."
+            "rate). Both need GT in the training corpus (diagnostics only). `carried over` "
+            "= samples the pass could not read (corrupt or truncated data): they keep the "
+            "previous generation's label."
         ),
         "",
     ]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from jsm_dist import dist, schema
+from jsm_dist import dist, runlock, schema
 from jsm_dist.checkpoint import Checkpointer, TrainState
 from jsm_dist.config import Config, help_text, parse_cli
 
@@ -40,9 +40,12 @@ def validate(cfg: Config):
     corpus = Corpus.load(cfg.train.corpus, shard_base=cfg.data.shard_base)
     if not corpus.shards or corpus.num_samples == 0:
         raise ValueError(f"corpus {corpus.root} has no samples")
-    missing = [p for p in corpus.shard_paths if not remote.is_remote(p) and not os.path.isfile(p)]
-    if missing:
-        raise FileNotFoundError(f"corpus {corpus.root}: missing shards {missing[:3]}")
+    if damaged := corpus.damaged_shards(checksums=cfg.train.verify_shards):
+        raise ValueError(
+            f"corpus {corpus.root}: {len(damaged)} damaged shard(s):\n  "
+            + "\n  ".join(damaged[:20])
+            + "\nrestore them or repack the corpus (jsm-pack); nothing was started"
+        )
     remote.check_remote_shards(corpus, remote.FetchPolicy.from_config(cfg.data))
     store = LabelStore.open(corpus.label_dir)
     if list(store.shard_sizes) != corpus.shard_sizes:
@@ -67,44 +70,35 @@ def prepare_label_store(cfg: Config, corpus, fresh: bool):
     ``run`` (default) or a path: a store of the run's own, seeded from the corpus store's
     generation ``init_generation`` by every rank copying the shards it owns, then one
     collective commit (the same protocol as a refinement). On resume it is reused as is.
+    What may be created or reused where: jsm_dist/labels/runstore.py (checked before the
+    process group starts by :func:`check_label_store`, and again here).
     """
-    import dataclasses
-
     from jsm_dist.labels import LabelStore
+    from jsm_dist.labels.runstore import plan_label_store, seed_run_store
 
     src = LabelStore.open(corpus.label_dir)
-    if cfg.train.label_store == "corpus":
+    plan = plan_label_store(cfg.train, corpus, resuming=not fresh)
+    dist.barrier()  # every rank has decided before rank 0 creates anything the plan looks at
+    if plan.action == "corpus":
         return corpus, src
-    root = (
-        Path(cfg.train.out_dir) / "labels"
-        if cfg.train.label_store == "run"
-        else Path(cfg.train.label_store)
-    )
-    view = dataclasses.replace(corpus, labels=str(root.resolve()))
-    world = dist.world_info()
-    if not fresh and (root / "manifest.json").is_file():
-        return view, LabelStore.open(root)
+    view = dataclasses.replace(corpus, labels=str(plan.root.resolve()))
+    if plan.action == "open":
+        return view, LabelStore.open(plan.root)
     if not src.has_generation(cfg.train.init_generation):
         raise ValueError(
             f"corpus label store {corpus.label_dir} has no generation "
             f"{cfg.train.init_generation} (train.init_generation)"
         )
-    if world.is_main:
-        LabelStore.create(
-            root, src.shard_sizes, src.label_size, keep=cfg.train.keep_generations, overwrite=True
-        )
-    dist.barrier()
-    store = LabelStore.open(root)
-    writer = store.writer(0)
-    for s, n in enumerate(src.shard_sizes):
-        if dist.owner_of_shard(s, world.world_size) == world.rank and n:
-            idx = list(range(n))
-            labels = src.read_many([s] * n, idx, generation=cfg.train.init_generation)
-            writer.write(s, idx, labels)
-    writer.close()
-    store.commit(0)
-    store.refresh()
-    return view, store
+    return view, seed_run_store(plan, corpus, src, cfg.train)
+
+
+def check_label_store(cfg: Config, corpus) -> None:
+    """Refuse, before the process group starts, a start that would overwrite or misuse a
+    label store (file reads only: runs on every rank)."""
+    from jsm_dist.labels.runstore import plan_label_store
+
+    resume_from = Checkpointer(cfg.train.out_dir).resolve(cfg.train.resume)
+    plan_label_store(cfg.train, corpus, resuming=resume_from is not None)
 
 
 def build_optimizer(cfg: Config, model, steps_total: int):
@@ -234,6 +228,7 @@ def run(cfg: Config) -> TrainState:
             generation=stats.generation,
             seconds=stats.seconds,
             samples=stats.samples,
+            carried_over=stats.carried_over,  # unreadable samples that kept their old label
             mean_abs_change=stats.mean_abs_change,
             fg_old=stats.fg_fraction_old,
             fg_new=stats.fg_fraction_new,
@@ -365,13 +360,25 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s [rank {dist.world_info().rank}] %(name)s: %(message)s",
     )
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per checkpoint file
+    lock = None
     try:
         cfg, _ = parse_cli(argv)
-        validate(cfg)
-    except (ValueError, FileNotFoundError) as e:
+        corpus, _ = validate(cfg)
+        # one job per run directory: the main process holds the lock before anything is
+        # written and until it exits (jsm_dist/runlock.py)
+        if dist.world_info().is_main:
+            lock = runlock.acquire(cfg.train.out_dir)
+        check_label_store(cfg, corpus)
+    except (ValueError, FileNotFoundError, runlock.RunLockedError) as e:
+        if lock is not None:
+            lock.release()
         print(f"jsm_dist.train: error: {e}", file=sys.stderr)
         return 2
-    run(cfg)
+    try:
+        run(cfg)
+    finally:
+        if lock is not None:
+            lock.release()
     return 0
 
 

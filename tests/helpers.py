@@ -41,6 +41,7 @@ def make_raw_sample(
     with_text: bool = True,
     with_gt: bool = True,
     depth_dtype=np.uint16,
+    key_prefix: str = "tiny",
 ) -> dict:
     """One raw sample as the packer takes it (see jsm_dist.data.sources)."""
     rng = np.random.default_rng([shard, index])
@@ -65,7 +66,7 @@ def make_raw_sample(
     if with_text:
         meta.update(caption=f"a {word} in front of the wall", word=word, word_pos=1)
     return {
-        "key": f"tiny_{shard:03d}_{index:04d}",
+        "key": f"{key_prefix}_{shard:03d}_{index:04d}",
         "rgb": rgb,
         "rgb_jpeg": None,
         "depth": depth,
@@ -119,11 +120,14 @@ def make_tiny_corpus(
     with_gt: bool = True,
     rgb_format: str = "png",
     name: str = "tiny",
+    key_prefix: str = "tiny",
 ) -> Corpus:
     """Write a packed corpus to ``tmp_path/name`` and return it (loaded from disk).
 
     ``n`` (optional) splits n samples into shards of ``shard_sizes[0]`` each instead.
     ``rgb_format="png"`` keeps RGB lossless so tests can compare pixels exactly.
+    ``key_prefix`` starts every sample key (``<prefix>_<shard>_<index>``): two corpora
+    with the same shard sizes but other prefixes hold different samples.
     """
     if n is not None:
         k = shard_sizes[0]
@@ -134,7 +138,8 @@ def make_tiny_corpus(
     parts = []
     for s, count in enumerate(shard_sizes):
         raws = [
-            make_raw_sample(s, i, size, with_text=with_text, with_gt=with_gt) for i in range(count)
+            make_raw_sample(s, i, size, with_text=with_text, with_gt=with_gt, key_prefix=key_prefix)
+            for i in range(count)
         ]
         encoded = []
         for i, raw in enumerate(raws):
@@ -207,8 +212,9 @@ def all_ids(corpus: Corpus) -> set[tuple[int, int]]:
     return {(s, i) for s, n in enumerate(corpus.shard_sizes) for i in range(n)}
 
 
-def corrupt_member(path: str | Path, name: str) -> None:
-    """Overwrite a tar member's bytes in place with garbage (the tar structure stays valid)."""
+def garble_member(path: str | Path, name: str) -> None:
+    """Overwrite a tar member's bytes in place with garbage: the tar structure and the
+    file size stay valid, the member no longer decodes (a corrupt sample)."""
     with tarfile.open(path) as tar:
         info = tar.getmember(name)
     with open(path, "r+b") as f:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -109,9 +110,14 @@ def main(argv: list[str] | None = None) -> int:
 
     table, models, notes = [], [], []
     # the run report's label columns, less the per-pass ones that do not compare variants
-    cols = [c for c in runreport.LABEL_COLS if c not in ("generation", "L_d better", "change")]
+    cols = [
+        c
+        for c in runreport.LABEL_COLS
+        if c not in ("generation", "L_d better", "change", "carried over")
+    ]
     for name in [v for v in args.variants.split(",") if v]:
         run = out / name
+        shutil.rmtree(run, ignore_errors=True)  # a new run (training refuses to overwrite one)
         train_args = [
             "--corpus", str(root / "train"), "--out_dir", str(run), "--epochs", str(args.epochs),
             "--tau", str(args.tau), "--model.encoder", args.encoder, "--data.train_size",

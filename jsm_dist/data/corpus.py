@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from jsm_dist import schema
-from jsm_dist.data.remote import REMOTE_PREFIXES, resolve_source
+from jsm_dist.data.remote import REMOTE_PREFIXES, is_remote, resolve_source
 
 FORMAT = "jsm-corpus/1"
 
@@ -107,6 +107,37 @@ class Corpus:
     @property
     def word_to_class(self) -> dict[str, int]:
         return {w: i for i, w in enumerate(self.vocab)}
+
+    def damaged_shards(self, checksums: bool = False) -> list[str]:
+        """One line per shard file that is not what corpus.json recorded, [] when all are.
+
+        Cheap by default: every file exists and has the recorded size (a truncated or
+        half-copied shard is caught without reading it). ``checksums=True`` also hashes
+        every file against the recorded sha256 (reads the whole corpus; catches garbled
+        bytes too). Shards recorded without a size or checksum are not checked for it; remote
+        shards (URLs, pipe: commands) are skipped.
+        """
+        import hashlib
+
+        problems = []
+        for info, path in zip(self.shards, self.shard_paths):
+            if is_remote(path):  # checked by reading it (remote.check_remote_shards)
+                continue
+            p = Path(path)
+            if not p.is_file():
+                problems.append(f"{info.file}: missing")
+                continue
+            size = p.stat().st_size
+            if info.bytes and size != info.bytes:
+                problems.append(f"{info.file}: {size} bytes, corpus.json records {info.bytes}")
+            elif checksums and info.sha256:
+                h = hashlib.sha256()
+                with open(p, "rb") as f:
+                    while chunk := f.read(8 << 20):
+                        h.update(chunk)
+                if h.hexdigest() != info.sha256:
+                    problems.append(f"{info.file}: sha256 differs from corpus.json")
+        return problems
 
     # ---- io ----
     @classmethod

@@ -19,7 +19,8 @@ def _store_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "store",
         type=Path,
-        help="label-store directory, or a packed corpus directory (its labels/ store is used)",
+        help="label-store directory, or a packed corpus or training run directory (its "
+        "labels/ store is used)",
     )
 
 
@@ -87,12 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _open(path: Path):
     from jsm_dist.labels.store import LabelStore
+    from jsm_dist.labels.tools import store_dir
 
-    if (path / "corpus.json").is_file() and not (path / "manifest.json").is_file():
-        from jsm_dist.data.corpus import Corpus
-
-        path = Corpus.load(path).label_dir
-    return LabelStore.open(path)
+    return LabelStore.open(store_dir(path))
 
 
 def _info(store, as_json: bool) -> int:
@@ -110,6 +108,10 @@ def _info(store, as_json: bool) -> int:
         "bytes_per_generation": store.num_samples
         * (store.frame_bytes + 4 * len(store.side_columns)),
         "committed": {e["generation"]: e.get("committed_at") for e in m["generations"]},
+        "carried_over": {e["generation"]: e.get("carried_over", 0) for e in m["generations"]},
+        "keys": (store.root / "keys.json").is_file(),
+        "corpus": m.get("corpus"),  # a training run's store: the corpus it was seeded from
+        "run_dir": m.get("run_dir"),
     }
     if as_json:
         print(json.dumps(info, indent=1))
@@ -125,8 +127,16 @@ def _info(store, as_json: bool) -> int:
         f"label size   {info['label_size'][0]}x{info['label_size'][1]} uint8; side {info['side_columns']}"
     )
     print(f"per gen      {info['bytes_per_generation'] / 2**20:.1f} MiB")
+    print(f"sample keys  {'keys.json' if info['keys'] else 'none recorded'}")
+    if info["corpus"]:
+        link = info["corpus"]
+        print(
+            f"corpus       {link.get('root')} (seeded from its generation "
+            f"{link.get('generation')}; run {info['run_dir']})"
+        )
     for g, t in info["committed"].items():
-        print(f"  gen {g:>4}  committed {t}")
+        carried = info["carried_over"][g]
+        print(f"  gen {g:>4}  committed {t}" + (f"  ({carried} carried over)" if carried else ""))
     return 0
 
 
@@ -154,6 +164,8 @@ def _diff(store, args, progress) -> int:
                 f"  vs GT ({s['samples_with_gt']} samples)   MAE {s['mae_a']:.4f} -> {s['mae_b']:.4f}"
                 f"   S-measure {s['sm_a']:.4f} -> {s['sm_b']:.4f}"
             )
+            if s["samples_without_gt"]:
+                print(f"  without GT             {s['samples_without_gt']} samples (not scored)")
         else:
             print("  vs GT                  no ground truth available")
     return 0

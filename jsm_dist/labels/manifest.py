@@ -43,6 +43,11 @@ class CorruptStoreError(LabelStoreError):
     """A file has the wrong size (or the manifest is unreadable)."""
 
 
+class WrongCorpusError(LabelStoreError, ValueError):
+    """A store does not belong to the corpus it is used with (shard sizes or sample keys
+    differ). A ValueError too: a training run refuses it as a bad setting (exit code 2)."""
+
+
 def gen_name(generation: int) -> str:
     return f"gen-{generation:06d}"
 

@@ -76,6 +76,7 @@ class LabelStore:
         keys: Sequence[Sequence[str]] | None = None,
         conf_names: Sequence[str] = DEFAULT_CONF_NAMES,
         overwrite: bool = False,
+        extra: dict | None = None,
     ) -> LabelStore:
         """Create an empty store (no generation yet) in ``root``. Not collective: call it
         on one process, then let the others :meth:`open` it after a barrier.
@@ -88,6 +89,8 @@ class LabelStore:
             keys: optional sample keys per shard (used by ``export`` / ``diff --gt-dir``).
             conf_names: names of the per-sample float32 side values a writer may pass.
             overwrite: replace an existing store (its generations are deleted).
+            extra: more top-level manifest fields, kept across commits (a training run's
+                store records its corpus and run directory here: ``labels/runstore.py``).
         """
         root = Path(root)
         sizes = [int(n) for n in shard_sizes]
@@ -129,6 +132,9 @@ class LabelStore:
             "generations": [],
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        if clash := sorted(set(extra or {}) & set(data)):
+            raise ValueError(f"extra manifest fields {clash} would replace the store's own")
+        data.update(extra or {})
         with mf.locked(root):
             mf.write_json_atomic(root / mf.MANIFEST, data)
         return cls(root, data)
@@ -425,13 +431,23 @@ class LabelStore:
                     "committed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "host": socket.gethostname(),
                     "world_size": world_size,
+                    # samples that kept their previous label (writer.carry_over)
+                    "carried_over": sum(e["carried_over"] for e in entries),
                     "shards": entries,
                 }
             )
             m["current"] = generation
 
         self._m = mf.update_manifest(self.root, change)
-        log.info("label store %s: committed generation %d", self.root, generation)
+        carried = mf.generation_entry(self._m, generation)["carried_over"]
+        log.info(
+            "label store %s: committed generation %d%s",
+            self.root,
+            generation,
+            f" ({carried} samples carried over from generation {generation - 1})"
+            if carried
+            else "",
+        )
 
     # ------------------------------------------------------------------ management
     def prune(self, keep: int | None = None) -> list[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,22 +27,99 @@ def _bar(total: int, desc: str, unit: str = "it", enabled: bool | None = None, *
     return tqdm(total=total, desc=desc, unit=unit, disable=disable, **kw)
 
 
-# ---------------------------------------------------------------- corpus next to the store
-def corpus_of(store: LabelStore):
-    """The packed corpus the store belongs to (store at <corpus>/labels), or None."""
-    parent = store.root.resolve().parent
-    if not (parent / "corpus.json").is_file():
-        return None
+# ---------------------------------------------------------------- the store's corpus
+def store_dir(path: str | Path) -> Path:
+    """The label store a CLI argument names: a store, a packed corpus (its ``labels/``
+    store) or a training run directory (its ``labels/`` store)."""
+    path = Path(path)
+    if (path / mf.MANIFEST).is_file():
+        return path
+    if (path / "corpus.json").is_file():
+        from jsm_dist.data.corpus import Corpus
+
+        return Corpus.load(path).label_dir
+    if (path / "labels" / mf.MANIFEST).is_file():
+        return path / "labels"
+    return path  # LabelStore.open names what is missing
+
+
+def read_keys(root: Path) -> list[list[str]] | None:
+    """Sample keys per shard from ``<root>/keys.json``, None when the store has none."""
+    path = Path(root) / mf.KEYS
+    return mf.read_json(path)["shards"] if path.is_file() else None
+
+
+def corpus_link(corpus, store_root: Path, generation: int) -> dict:
+    """The manifest field that ties a run's store to the corpus it was seeded from."""
+    root = Path(corpus.root).resolve()
+    return {
+        "root": str(root),
+        "relative": os.path.relpath(root, Path(store_root).resolve()),
+        "name": corpus.name,
+        "labels": str(Path(corpus.label_dir).resolve()),
+        "generation": int(generation),
+    }
+
+
+def _linked_corpus(store: LabelStore, link: dict):
     from jsm_dist.data.corpus import Corpus
 
-    corpus = Corpus.load(parent)
-    if corpus.label_dir.resolve() != store.root.resolve():
-        return None
-    if corpus.shard_sizes != store.shard_sizes:
-        raise mf.LabelStoreError(
-            f"corpus {parent} shard sizes {corpus.shard_sizes[:5]}... differ from the store's "
-            f"{store.shard_sizes[:5]}..."
+    for cand in (Path(link.get("root", "")), store.root.resolve() / link.get("relative", "")):
+        if (cand / "corpus.json").is_file():
+            return Corpus.load(cand)
+    raise mf.LabelStoreError(
+        f"label store {store.root} was seeded from corpus {link.get('root')}, which has no "
+        "corpus.json any more (moved or deleted?): put the corpus back there"
+    )
+
+
+def check_belongs(store: LabelStore, corpus) -> None:
+    """Raise WrongCorpusError unless ``store`` holds labels of ``corpus``'s samples: same
+    shard sizes and, where both record them, the same sample keys (two corpora can share
+    shard sizes; their keys tell them apart)."""
+    where = f"label store {store.root} and corpus {corpus.root}"
+    if list(store.shard_sizes) != list(corpus.shard_sizes):
+        raise mf.WrongCorpusError(
+            f"{where} do not match: shard sizes {store.shard_sizes[:5]}... vs "
+            f"{corpus.shard_sizes[:5]}..."
         )
+    if store.root.resolve() == Path(corpus.label_dir).resolve():
+        return  # the corpus's own store
+    mine, theirs = read_keys(store.root), read_keys(corpus.label_dir)
+    if mine is None or theirs is None:
+        log.warning("%s: sample keys not recorded on both sides; not compared", where)
+        return
+    for s, (a, b) in enumerate(zip(mine, theirs)):
+        if a != b:
+            i = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+            raise mf.WrongCorpusError(
+                f"{where} do not match: the store belongs to another corpus (sample keys "
+                f"differ: shard {s} index {i} is {a[i]!r} in the store's {mf.KEYS}, "
+                f"{b[i]!r} in the corpus)"
+            )
+
+
+def corpus_of(store: LabelStore):
+    """The packed corpus the store belongs to, or None when it knows of none.
+
+    The corpus around it (the store is ``<corpus>/labels``), else the corpus its manifest
+    links to (a training run's store, seeded from that corpus). Either way the store is
+    checked against it (:func:`check_belongs`: shard sizes and sample keys).
+    """
+    from jsm_dist.data.corpus import Corpus
+
+    parent = store.root.resolve().parent
+    corpus = None
+    if (parent / "corpus.json").is_file():
+        corpus = Corpus.load(parent)
+        if corpus.label_dir.resolve() != store.root.resolve():
+            corpus = None
+    if corpus is None:
+        link = store.manifest.get("corpus")
+        if not link:
+            return None
+        corpus = _linked_corpus(store, link)
+    check_belongs(store, corpus)
     return corpus
 
 
@@ -75,9 +153,9 @@ def sample_keys(store: LabelStore, shard: int) -> list[str]:
     """Sample keys of one shard: keys.json (given at create), else the corpus tars, else
     ``s<shard>-i<index>`` names."""
     n = store.shard_sizes[shard]
-    path = store.root / mf.KEYS
-    if path.is_file():
-        keys = mf.read_json(path)["shards"][shard]
+    stored = read_keys(store.root)
+    if stored is not None:
+        keys = stored[shard]
     else:
         corpus = corpus_of(store)
         if corpus is None:
@@ -144,11 +222,17 @@ def fsck(
     m = store.manifest
     h, w = store.label_size
     k = len(store.side_columns)
-    keys_path = store.root / mf.KEYS
-    if keys_path.is_file():
-        lens = [len(x) for x in mf.read_json(keys_path)["shards"]]
+    keys = read_keys(store.root)
+    if keys is not None:
+        lens = [len(x) for x in keys]
         if lens != store.shard_sizes:
             rep.problems.append(f"{mf.KEYS}: keys per shard {lens[:8]} != shard sizes")
+    try:  # the corpus around the store, or the one a run's store was seeded from
+        corpus_of(store)
+    except mf.WrongCorpusError as e:
+        rep.problems.append(str(e))
+    except (mf.LabelStoreError, OSError, ValueError) as e:
+        rep.notes.append(f"corpus: {e}")
     if store.generation < 0:
         rep.notes.append("no committed generation yet")
     gens = (
@@ -235,6 +319,43 @@ def export(
 
 
 # ---------------------------------------------------------------- diff
+def check_gt_dir(store: LabelStore, gt_dir: Path) -> int:
+    """How many samples have ``<gt_dir>/<key>.png``; raises when none has (a GT folder whose
+    names do not match the store's keys must never be ignored silently) and warns with the
+    count when only some have."""
+    gt_dir = Path(gt_dir)
+    if not gt_dir.is_dir():
+        raise mf.LabelStoreError(f"--gt-dir {gt_dir} is not a directory")
+    keys = [k for s in range(store.num_shards) for k in sample_keys(store, s)]
+    have = [(gt_dir / f"{k}.png").is_file() for k in keys]
+    found = sum(have)
+    if keys and found == 0:
+        there = sorted(p.name for p in gt_dir.iterdir())[:3]
+        hint = ""
+        if read_keys(store.root) is None and corpus_of(store) is None:
+            hint = (
+                " This store records no sample keys (no keys.json, no corpus): its samples "
+                "are named s<shard>-i<index>."
+            )
+        raise mf.LabelStoreError(
+            f"--gt-dir {gt_dir}: none of the store's {len(keys)} samples has a ground-truth "
+            f"file there: expected <key>.png, e.g. {keys[0]}.png; the folder holds "
+            f"{there or 'nothing'}.{hint}"
+        )
+    if found < len(keys):
+        missing = [k for k, h in zip(keys, have) if not h]
+        log.warning(
+            "--gt-dir %s: ground truth for %d of %d samples only; %d have no <key>.png "
+            "there (e.g. %s.png) and are compared without it",
+            gt_dir,
+            found,
+            len(keys),
+            len(missing),
+            missing[0],
+        )
+    return found
+
+
 def diff(
     store: LabelStore,
     a: int,
@@ -252,6 +373,8 @@ def diff(
     """
     from py_sod_metrics import MAE, Smeasure
 
+    if use_gt and gt_dir is not None:
+        check_gt_dir(store, gt_dir)
     rows: list[dict] = []
     mae, sm = MAE(), Smeasure()
     with _bar(store.num_samples, f"diff {a}->{b}", "img", progress) as bar:
@@ -293,6 +416,7 @@ def diff(
         summary["changed_samples"] = int(sum(r["flip"] > FLIP_CHANGED for r in rows))
         with_gt = [r for r in rows if "mae_a" in r]
         summary["samples_with_gt"] = len(with_gt)
+        summary["samples_without_gt"] = len(rows) - len(with_gt)
         for col in ("mae_a", "mae_b", "sm_a", "sm_b"):
             if with_gt:
                 summary[col] = float(np.mean([r[col] for r in with_gt]))

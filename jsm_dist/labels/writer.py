@@ -67,8 +67,9 @@ def to_uint8(labels, n: int, size: tuple[int, int]) -> np.ndarray:
 @dataclass
 class _Shard:
     fd: int
-    done: np.ndarray  # bool (n,): which samples this writer wrote
+    done: np.ndarray  # bool (n,): which samples this writer wrote (or carried over)
     side: np.ndarray  # float32 (n, k + 1): confidences, then the writing generation
+    carried: np.ndarray  # bool (n,): which of them keep the previous generation's label
 
 
 class GenerationWriter:
@@ -104,23 +105,12 @@ class GenerationWriter:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
             os.ftruncate(fd, n * self.store.frame_bytes)  # sparse; `done` tracks what is real
             side = np.full((n, len(self.store.side_columns)), np.nan, np.float32)
-            st = self._shards[shard] = _Shard(fd, np.zeros(n, np.bool_), side)
+            st = _Shard(fd, np.zeros(n, np.bool_), side, np.zeros(n, np.bool_))
+            self._shards[shard] = st
         return st
 
-    def write(
-        self,
-        shard: int,
-        indices: Sequence[int],
-        labels,
-        conf=None,
-    ) -> None:
-        """Write labels of samples ``indices`` of ``shard`` (a shard this rank owns).
-
-        Args:
-            labels: uint8 (n, h, w), or float (n, h, w) / (n, 1, h, w) in [0, 1] (rounded
-                to uint8), numpy or torch; resized when not at the store resolution.
-            conf: optional float32 (n, k), k = len(store.conf_names) (JSM's w_g, w_d).
-        """
+    def _owned_indices(self, shard: int, indices: Sequence[int]) -> tuple[int, np.ndarray]:
+        """Validate (shard, indices) for this writer: open, owned shard, indices in range."""
         if self.closed:
             raise LabelStoreError(f"writer of generation {self.generation} is closed")
         shard = int(shard)
@@ -138,6 +128,34 @@ class GenerationWriter:
             raise IndexError(
                 f"indices out of range [0, {n}) for shard {shard}: {idx.min()}..{idx.max()}"
             )
+        return shard, idx
+
+    def _pwrite(self, st: _Shard, idx: np.ndarray, arr: np.ndarray) -> None:
+        """Write frames ``arr`` (sorted ``idx``): one pwrite per run of consecutive indices
+        (a whole in-order batch = one syscall)."""
+        fb = self.store.frame_bytes
+        breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+        for a, b in zip(np.r_[0, breaks], np.r_[breaks, idx.size]):
+            view, off = memoryview(arr[a:b]).cast("B"), int(idx[a]) * fb
+            while view:
+                done = os.pwrite(st.fd, view, off)
+                view, off = view[done:], off + done
+
+    def write(
+        self,
+        shard: int,
+        indices: Sequence[int],
+        labels,
+        conf=None,
+    ) -> None:
+        """Write labels of samples ``indices`` of ``shard`` (a shard this rank owns).
+
+        Args:
+            labels: uint8 (n, h, w), or float (n, h, w) / (n, 1, h, w) in [0, 1] (rounded
+                to uint8), numpy or torch; resized when not at the store resolution.
+            conf: optional float32 (n, k), k = len(store.conf_names) (JSM's w_g, w_d).
+        """
+        shard, idx = self._owned_indices(shard, indices)
         arr = to_uint8(labels, idx.size, self.store.label_size)
         k = len(self.store.conf_names)
         if conf is not None:
@@ -154,18 +172,55 @@ class GenerationWriter:
         order = np.argsort(idx, kind="stable")  # stable: a repeated index keeps the last write
         if not np.array_equal(order, np.arange(idx.size)):
             idx, arr = idx[order], arr[order]
-        fb = self.store.frame_bytes
-        # One pwrite per run of consecutive indices (a whole in-order batch = one syscall).
-        breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-        for a, b in zip(np.r_[0, breaks], np.r_[breaks, idx.size]):
-            view, off = memoryview(arr[a:b]).cast("B"), int(idx[a]) * fb
-            while view:
-                done = os.pwrite(st.fd, view, off)
-                view, off = view[done:], off + done
+        self._pwrite(st, idx, arr)
         st.done[idx] = True
-        if conf is not None:
-            st.side[idx, :k] = conf[order]
+        st.carried[idx] = False  # written after all: a real new label
+        st.side[idx, :k] = np.nan if conf is None else conf[order]
         st.side[idx, k] = self.generation
+
+    def unwritten(self, shard: int) -> np.ndarray:
+        """Indices of the samples of ``shard`` (owned) that this writer has neither written
+        nor carried over yet: what the commit would refuse."""
+        shard, _ = self._owned_indices(shard, [])
+        st = self._shards.get(shard)
+        if st is None:
+            return np.arange(self.store.shard_sizes[shard], dtype=np.int64)
+        return np.flatnonzero(~st.done)
+
+    def carry_over(self, shard: int, indices: Sequence[int]) -> int:
+        """Keep the previous generation's labels for samples that could not be refined.
+
+        A deliberate call, for samples the refinement pass never received (an unreadable
+        sample or shard): each keeps its label of generation ``g - 1`` byte for byte and,
+        in the side data, the generation that wrote that label (so ``side[:, -1] < g``
+        marks it as carried over) with NaN confidences. Samples this writer already wrote
+        are refused: carrying over never replaces a new label. Without this call an
+        unwritten sample still makes the commit fail. Returns the number carried over.
+        """
+        shard, idx = self._owned_indices(shard, indices)
+        src = self.generation - 1
+        if src < 0 or not self.store.has_generation(src):
+            raise LabelStoreError(
+                f"cannot carry samples over into generation {self.generation}: generation "
+                f"{src} is not committed in {self.store.root}"
+            )
+        idx = np.unique(idx)
+        st = self._state(shard)
+        if idx.size == 0:
+            return 0
+        if st.done[idx].any():
+            raise LabelStoreError(
+                f"shard {shard}: cannot carry over samples this writer already wrote: "
+                f"{idx[st.done[idx]][:10].tolist()}"
+            )
+        labels = self.store.read_many([shard] * idx.size, idx, generation=src)
+        writers = self.store.read_side(shard, idx, generation=src)[:, -1]
+        self._pwrite(st, idx, labels)
+        st.done[idx] = True
+        st.carried[idx] = True
+        st.side[idx, :-1] = np.nan
+        st.side[idx, -1] = writers
+        return int(idx.size)
 
     def close(self) -> None:
         """Flush + fsync every shard this writer touched and write its record (what rank 0
@@ -183,12 +238,15 @@ class GenerationWriter:
                 f.flush()
                 os.fsync(f.fileno())
             missing = np.flatnonzero(~st.done)
+            carried = np.flatnonzero(st.carried)
             record = {
                 "generation": self.generation,
                 "shard": shard,
                 "count": n,
-                "written": int(n - missing.size),
+                "written": int(n - missing.size),  # carried-over samples included
                 "missing_head": missing[:10].tolist(),
+                "carried_over": int(carried.size),
+                "carried_head": carried[:10].tolist(),
                 "sha256": sha,
                 "side_sha256": hashlib.sha256(side).hexdigest(),
                 "rank": self.rank,
@@ -239,7 +297,9 @@ def verify_generation(
     entries, problems = [], []
     for s, n in enumerate(store.shard_sizes):
         if n == 0:
-            entries.append({"sha256": hashlib.sha256(b"").hexdigest(), "side_sha256": ""})
+            entries.append(
+                {"sha256": hashlib.sha256(b"").hexdigest(), "side_sha256": "", "carried_over": 0}
+            )
             continue
         rec_path = store.shard_path(generation, s, mf.RECORD_SUFFIX)
         if not rec_path.is_file():
@@ -261,7 +321,13 @@ def verify_generation(
         path = store.shard_path(generation, s)
         if verify_checksums and not problems and mf.sha256_file(path) != rec.get("sha256"):
             problems.append(f"shard {s}: checksum differs from its writer's record")
-        entries.append({"sha256": rec.get("sha256"), "side_sha256": rec.get("side_sha256")})
+        entries.append(
+            {
+                "sha256": rec.get("sha256"),
+                "side_sha256": rec.get("side_sha256"),
+                "carried_over": int(rec.get("carried_over", 0)),
+            }
+        )
     if problems:
         head = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import make_tiny_corpus
+from helpers import garble_member, label_value, make_tiny_corpus
 
 from jsm_dist.labels import LabelStore
 from jsm_dist.launcher import local_launch
@@ -214,3 +216,66 @@ def test_bad_settings_fail_before_work(corpus, tmp_path):
         cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False
     )
     assert res.returncode == 2 and "batch_size" in res.stderr
+
+
+# ---- unreadable data; one job per run directory ------------------------------------------------
+def test_unreadable_sample_keeps_its_label_through_a_crash_and_resume(tmp_path):
+    corpus = make_tiny_corpus(tmp_path / "c", shard_sizes=SHARDS, size=32)
+    garble_member(corpus.shard_paths[1], "tiny_001_0002.rgb.png")  # rank 1 refines shard 1
+    run = tmp_path / "run"
+    args = ["--corpus", str(corpus.root), "--out_dir", str(run), "--epochs", "1", "--tau", "1"]
+    res = launch(args, fault="refine_batch")  # rank 0 killed during the first refinement
+    assert res.returncode != 0
+    assert (run / "run.lock").is_file()  # left behind by the killed main process: stale
+    res = launch(args + ["--resume", "latest"])  # takes the stale lock over, redoes the pass
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "taking over the stale lock" in res.stderr
+    refines = [r for r in records(run) if r.get("name") == "refine"]
+    assert [(r["carried_over"], r["samples"]) for r in refines] == [(1, sum(SHARDS) - 1)]
+    store = LabelStore.open(run / "labels")
+    assert store.generation == 1
+    kept = store.read(1, 2, generation=1)
+    assert kept.tobytes() == store.read(1, 2, generation=0).tobytes()  # byte for byte
+    assert (kept == label_value(1, 2)).all()  # = the corpus's generation-0 label
+    side = store.read_side(1, generation=1)
+    assert side[:, -1].tolist() == [1, 1, 0, 1, 1]  # the carried one: still generation 0's
+    assert store.manifest["generations"][-1]["carried_over"] == 1
+    assert not (run / "run.lock").exists()
+
+
+def test_second_run_on_the_same_out_dir_is_refused(corpus, tmp_path):
+    run = tmp_path / "run"
+    args = ["--corpus", str(corpus.root), "--out_dir", str(run), "--epochs", "2", "--tau", "1"]
+    cmd, env = local_launch(2, [*COMMON, *args], mode="cpu")
+    env["OMP_NUM_THREADS"] = "1"
+    env.pop("JSM_FAULT", None)
+    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "run.lock").is_file() or not (run / "run.lock").read_text():
+            assert first.poll() is None and time.monotonic() < deadline, "no lock taken"
+            time.sleep(0.2)
+        holder = json.loads((run / "run.lock").read_text())
+        t0 = time.monotonic()
+        second = subprocess.run(
+            [sys.executable, "-m", "jsm_dist.train", *COMMON, *args], cwd=REPO,
+            env=dict(os.environ), capture_output=True, text=True, timeout=240, check=False,
+        )  # fmt: skip
+        took = time.monotonic() - t0
+        running = first.poll() is None
+        out, err = first.communicate(timeout=600)
+        assert running, "the first run ended before the second was checked: " + err[-3000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert f"pid {holder['pid']} on host {socket.gethostname()}" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert took < 120, f"refusal took {took:.0f} s"  # before any training work (loaded host)
+    assert first.returncode == 0, out[-3000:] + err[-3000:]  # the first run is unharmed
+    done = [r for r in records(run) if r.get("name") == "done"]
+    assert len(done) == 1 and done[0]["steps_per_rank"] == [6, 6]
+    assert [r["generation"] for r in records(run) if r.get("name") == "refine"] == [1, 2]
+    assert LabelStore.open(run / "labels").generation == 2
+    assert not (run / "run.lock").exists()

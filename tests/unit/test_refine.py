@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import all_ids, corrupt_member, label_value, make_tiny_corpus
+from helpers import all_ids, garble_member, label_value, make_tiny_corpus
 from refine_stub import (
     IdModel,
     check_refined_generation,
@@ -16,7 +16,7 @@ from refine_stub import (
 )
 
 from jsm_dist.eval_metrics import image_stats, smeasure_per_image
-from jsm_dist.labels import IncompleteGenerationError, LabelStore
+from jsm_dist.labels import LabelStore
 from jsm_dist.refine import candidate_choice, refine_labels
 
 
@@ -79,23 +79,14 @@ def _files(directory: Path) -> dict[str, bytes]:
     "corrupt",
     [
         pytest.param((), id="all-readable"),
-        # An unreadable sample: the pass must carry its previous label over and mark it.
-        # Until it does, the commit refuses the generation (the sample was never written).
-        pytest.param(
-            ((2, 4),),
-            id="one-corrupt",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=IncompleteGenerationError,
-                reason="carry-over of unreadable samples is not implemented yet",
-            ),
-        ),
+        # an unreadable sample: the pass carries its previous label over and marks it
+        pytest.param(((2, 4),), id="one-corrupt"),
     ],
 )
 def test_refine_pass_writes_every_sample_its_own_label_and_side_columns(tmp_path, corrupt):
     corpus = make_tiny_corpus(tmp_path, shard_sizes=SHARDS, size=32, label_size=16)
     for s, i in corrupt:
-        corrupt_member(corpus.shard_paths[s], f"tiny_{s:03d}_{i:04d}.rgb.png")
+        garble_member(corpus.shard_paths[s], f"tiny_{s:03d}_{i:04d}.rgb.png")
     store = LabelStore.open(corpus.label_dir)
     gen0 = _files(store.gen_dir(0))
     readable = sorted(all_ids(corpus) - set(corrupt))

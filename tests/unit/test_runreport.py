@@ -55,3 +55,19 @@ def test_missing_log_is_a_clear_error(tmp_path):
         assert "metrics.jsonl" in str(e)
     else:
         raise AssertionError("no error for a directory without metrics.jsonl")
+
+
+def test_carried_over_samples_get_a_column(tmp_path):
+    from jsm_dist.runreport import LABEL_COLS, build_report
+
+    ev = _event(1, 0.70, 0.74, 0.3)
+    ev["carried_over"] = 3  # samples the pass could not read
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(ev))
+    rows = label_rows(read_log(tmp_path))
+    assert rows[1]["carried over"] == 3 and math.isnan(rows[0].get("carried over", math.nan))
+    md = build_report(tmp_path, None, tmp_path).read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| generation"))
+    row = next(line for line in md.splitlines() if line.startswith("| 1 |"))
+    col = [c.strip() for c in header.strip("|").split("|")].index("carried over")
+    assert col == LABEL_COLS.index("carried over")
+    assert [c.strip() for c in row.strip("|").split("|")][col] == "3"

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import all_ids, corrupt_member, label_value, make_raw_sample, make_tiny_corpus
+from helpers import all_ids, garble_member, label_value, make_raw_sample, make_tiny_corpus
 
 from jsm_dist.data import decode
 from jsm_dist.data.batching import to_float
@@ -238,7 +238,7 @@ def _drop_member(path, name: str) -> None:
 @pytest.mark.parametrize("workers", [0, 2])
 def test_corrupt_member_is_skipped_counted_and_reported(tmp_path, workers, caplog):
     corpus = make_tiny_corpus(tmp_path, shard_sizes=[4, 5, 3])
-    corrupt_member(corpus.shard_paths[1], "tiny_001_0002.rgb.png")
+    garble_member(corpus.shard_paths[1], "tiny_001_0002.rgb.png")
     _drop_member(corpus.shard_paths[2], "tiny_002_0000.depth.png")
     with caplog.at_level(logging.WARNING, logger="jsm_dist.data.stream"):
         loader = make_eval_loader(corpus, _cfg(num_workers=workers), world=WorldInfo())
