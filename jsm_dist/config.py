@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -71,6 +72,10 @@ class TrainConfig:
     image_grid_samples: int = 6  # rows of the image grid logged per refinement (0 = off)
     max_steps_per_epoch: int = 0  # cap steps per epoch (0 = all; for smoke tests)
     cpu: bool = False  # force CPU even when CUDA exists
+    dist_timeout_s: float = 600.0  # seconds a collective waits for the other ranks, then fails
+    # the job (a stopped or hung peer; torch's default would be 30 min); docs/faults.md
+    refine_timeout_s: float = 3600.0  # the same during a refinement pass (text fitting on
+    # rank 0 while the others wait, each rank's label pass, the commit): grows with the corpus
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", self.epochs, "must be >= 1")
@@ -105,6 +110,14 @@ class TrainConfig:
             "must be >= 2 (resume may need to roll back one generation)",
         )
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every, ">= 0")
+        for key in ("dist_timeout_s", "refine_timeout_s"):
+            value = getattr(self, key)
+            _check(
+                math.isfinite(value) and value >= 1,
+                f"train.{key}",
+                value,
+                "must be >= 1 second (a collective waits this long for the other ranks)",
+            )
 
 
 @dataclass

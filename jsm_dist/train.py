@@ -156,6 +156,7 @@ def run(cfg: Config) -> TrainState:
         force_cpu=cfg.train.cpu,
         mixed_precision=cfg.train.mixed_precision,
         grad_accum=cfg.train.grad_accum,
+        timeout_s=cfg.train.dist_timeout_s,
     )
     world = dist.world_info()
     _configure_deepspeed(accelerator, cfg, world.world_size)
@@ -172,6 +173,15 @@ def run(cfg: Config) -> TrainState:
         cfg, model, per_epoch * cfg.train.epochs * world.world_size
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    dist.set_phase("training")  # after prepare: DeepSpeed's own groups get the timeout too
+    if world.world_size > 1:
+        log.info(
+            "collectives wait up to %g s (train.dist_timeout_s), %g s in refinement "
+            "(train.refine_timeout_s); process group timeouts read back: %s s",
+            cfg.train.dist_timeout_s,
+            cfg.train.refine_timeout_s,
+            dist.group_timeouts_s(),
+        )
     raw_model = accelerator.unwrap_model(model)
     config_json = __import__("json").dumps(cfg.to_dict(), indent=1)
     if accelerator.is_main_process:
@@ -250,7 +260,12 @@ def run(cfg: Config) -> TrainState:
 
     while True:
         if state.refine_pending:
-            refine_now()
+            # text fitting runs on rank 0 alone and the pass on each rank's own shards: the
+            # others wait in a collective for as long as that takes
+            with dist.long_phase(
+                "refinement", cfg.train.refine_timeout_s, "train.refine_timeout_s"
+            ):
+                refine_now()
         if state.epoch >= cfg.train.epochs:
             break
         epoch = state.epoch
@@ -293,6 +308,7 @@ def run(cfg: Config) -> TrainState:
             state.refine_pending = True  # saved first: a crash in the pass redoes it on resume
         ckpt.save(accelerator, state, config_json)
 
+    dist.set_phase("finish")
     # every rank reports its step count: equal steps per rank is what keeps DDP from hanging
     steps = dist.all_gather_object(state.global_step)
     tele.log_event(
@@ -368,7 +384,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"jsm_dist.train: error: {e}", file=sys.stderr)
         return 2
-    run(cfg)
+    try:
+        run(cfg)
+    except RuntimeError as e:
+        msg = dist.describe_collective_failure(e)
+        if msg is None:
+            raise
+        # a hung or lost peer: the phase and the setting say it all, a traceback would not
+        from tqdm.auto import tqdm
+
+        with tqdm.external_write_mode(file=sys.stderr):  # not glued to a progress bar
+            print(f"jsm_dist.train: error: {msg}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
