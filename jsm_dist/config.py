@@ -198,12 +198,34 @@ def _load_file(path: str) -> dict:
     if p.suffix in (".yaml", ".yml"):
         import yaml
 
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: invalid YAML{_yaml_where(e)}") from None
     else:
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+            ) from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+        # ValueError like every bad input: the entry point reports those in one line
+        raise ValueError(f"{path}: expected a mapping of sections, got {type(data).__name__}")  # noqa: TRY004
     return data
+
+
+def _yaml_where(e) -> str:
+    """`` at line L, column C: problem (context started at line L, column C)`` in one line
+    (PyYAML's own text spans several lines and quotes the source)."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is None or problem is None:
+        return ": " + " ".join(str(e).split())
+    out = f" at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, where = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and where is not None:
+        out += f" ({context} started at line {where.line + 1}, column {where.column + 1})"
+    return out
 
 
 def _resolve_key(key: str, sections: dict[str, dict[str, Any]]) -> tuple[str, str]:
@@ -238,7 +260,7 @@ def build_config(
         if sec not in sec_types:
             raise ValueError(f"unknown config section {sec!r}; sections: {sorted(sec_types)}")
         if not isinstance(body, dict):
-            raise ValueError(f"config section {sec!r} must be a mapping")
+            raise ValueError(f"config section {sec!r} must be a mapping")  # noqa: TRY004 (bad input)
         for name, raw in body.items():
             s, n = _resolve_key(f"{sec}.{name}", fields)
             values[s][n] = _coerce(f"{s}.{n}", raw, fields[s][n])

@@ -1,4 +1,5 @@
-"""Faults a 2-process training job must survive or end cleanly: a hung rank, a slow rank.
+"""Faults a 2-process training job must survive or end cleanly: a hung rank, a slow rank,
+bad input (which must end it before any process group exists, in one line per rank).
 
 Real processes (gloo) through ``accelerate launch``. The faults are real signals and real
 sleeps at named points (``JSM_FAULT``, see ``dist.fault_point``): ``stop`` makes a rank
@@ -13,6 +14,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -20,7 +22,7 @@ from pathlib import Path
 import pytest
 from helpers import TINY_TRAIN_ARGS, make_tiny_corpus
 
-from jsm_dist.launcher import local_launch
+from jsm_dist.launcher import free_port, local_launch
 
 pytestmark = pytest.mark.slow
 
@@ -155,3 +157,52 @@ def test_refinement_may_wait_longer_than_the_job_timeout(corpus, tmp_path):
         end_job(job.tag)
         job.proc.kill()
         job.proc.wait()
+
+
+def test_malformed_yaml_ends_the_ranks_in_one_line_each(corpus, tmp_path):
+    """Straight through ``accelerate launch``: a rank prints the one line and exits 2 before
+    the process group; no traceback of the training code (torchrun adds its own report of
+    the failed ranks)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: 2\n  tau: [1, 2\n")
+    args = ["--config", str(bad), "--corpus", str(corpus.root), "--out_dir", str(tmp_path / "r")]
+    start = time.monotonic()
+    job = Job(args, tmp_path / "job.log")
+    try:
+        rc = job.proc.wait(timeout=240)
+        took = time.monotonic() - start
+        out = job.output()
+        assert rc != 0, out[-3000:]
+        errors = [x for x in out.splitlines() if x.startswith("jsm_dist.train: error: ")]
+        # one per rank that got that far: torchrun ends the other ranks when one exits
+        assert 1 <= len(errors) <= 2, out[-3000:]
+        assert all(f"{bad}: invalid YAML at line 4" in e for e in errors), errors
+        assert "exitcode  : 2" in out  # torchrun's report: the ranks exited with 2
+        assert not re.search(r'File ".*jsm_dist/', out), out[-3000:]  # no rank traceback
+        assert "process group timeouts" not in out  # it never got that far
+        assert took < 120, f"{took:.0f} s"
+        assert job.leftovers() == {}
+    finally:
+        end_job(job.tag)
+        job.proc.kill()
+        job.proc.wait()
+
+
+def test_launcher_refuses_a_missing_resume_dir_before_starting_ranks(corpus, tmp_path):
+    """Through the project's launcher (launch/train.sh): checked once, before any rank
+    starts: one line, exit 2, no traceback at all."""
+    missing = tmp_path / "run" / "checkpoints" / "step-00000042"
+    cmd = [sys.executable, "-m", "jsm_dist.launcher", "--procs-per-node", "2", "--port",
+           str(free_port()), "--", *TINY_TRAIN_ARGS, "--corpus", str(corpus.root),
+           "--out_dir", str(tmp_path / "run"), "--resume", str(missing)]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    res = subprocess.run(
+        cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180, check=False
+    )
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert res.stderr.strip().splitlines() == [
+        f"jsm_dist.train: error: --resume {missing}: no such directory; give a checkpoint "
+        + f"directory (none complete in {checkpoints}) or --resume latest"
+    ]
+    assert "Traceback" not in res.stdout + res.stderr
