@@ -172,20 +172,31 @@ def group_timeout_s() -> float | None:
 _TIMEOUT_MARKS = ("timed out", "timeout")
 # ... and in these when a peer process went away in the middle of one
 _PEER_LOST_MARKS = ("connection closed by peer", "connection reset by peer", "broken pipe")
+# gloo messages that carry no file name (seen: a DDP buffer broadcast after a timeout)
+_GLOO_PHRASES = ("caused pair closure", "timed out waiting")
+# where a collective's error is raised when it comes through Python code
+_COLLECTIVE_CODE = ("/torch/distributed/", "/torch/nn/parallel/distributed", "/deepspeed/comm/")
 
 
 def describe_collective_failure(exc: BaseException, rank: int | None = None) -> str | None:
     """One line saying which phase's collective failed and what to do, or None when
     ``exc`` is not a collective timeout / lost peer (then it is a bug to show in full).
 
-    gloo raises a plain RuntimeError whose text names its source file
-    (``.../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 20000ms for recv``);
+    gloo raises plain RuntimeErrors, mostly naming its source file
+    (``.../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 20000ms for recv``),
+    sometimes not (``Application timeout caused pair closure``, from a DDP broadcast);
     NCCL and the c10d store raise ``torch.distributed.DistError`` subclasses.
     """
     if not isinstance(exc, RuntimeError):  # DistError subclasses RuntimeError
         return None
     text = str(exc).lower()
-    from_dist = "gloo" in text or "nccl" in text or _is_dist_error(exc)
+    from_dist = (
+        "gloo" in text
+        or "nccl" in text
+        or any(p in text for p in _GLOO_PHRASES)
+        or _is_dist_error(exc)
+        or _raised_in_collective_code(exc)
+    )
     if not from_dist:
         return None
     rank = world_info().rank if rank is None else rank
@@ -202,6 +213,15 @@ def describe_collective_failure(exc: BaseException, rank: int | None = None) -> 
             "(it crashed or was killed: see its own message)"
         )
     return None
+
+
+def _raised_in_collective_code(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None:
+        if any(part in tb.tb_frame.f_code.co_filename for part in _COLLECTIVE_CODE):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _is_dist_error(exc: BaseException) -> bool:

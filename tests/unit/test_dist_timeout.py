@@ -99,6 +99,11 @@ def test_failure_message_names_phase_timeout_and_setting():
         assert msg.endswith("raise train.dist_timeout_s") and "\n" not in msg
         lost = dist.describe_collective_failure(RuntimeError(GLOO_PEER_LOST), rank=0)
         assert "rank 0" in lost and "went away" in lost and "'training'" in lost
+        # gloo without its file name: a DDP buffer broadcast after the timeout (seen)
+        pair = dist.describe_collective_failure(
+            RuntimeError("Application timeout caused pair closure"), rank=0
+        )
+        assert pair.startswith("rank 0: a collective of phase 'training' timed out after 20 s")
         # not from a collective: shown in full as a bug, not turned into a one-liner
         assert dist.describe_collective_failure(RuntimeError("DataLoader timed out")) is None
         assert dist.describe_collective_failure(ValueError(GLOO_TIMEOUT)) is None
