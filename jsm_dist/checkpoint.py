@@ -75,7 +75,17 @@ class Checkpointer:
             return self.latest()
         path = Path(resume)
         if not (path / "train_state.json").is_file():
-            raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint directory")
+            what = (
+                "not a complete checkpoint (it has no train_state.json)"
+                if path.is_dir()
+                else "no such directory"
+            )
+            done = self.complete()
+            have = f"newest complete: {done[-1]}" if done else f"none complete in {self.root}"
+            raise FileNotFoundError(
+                f"--resume {resume}: {what}; give a checkpoint directory ({have}) or "
+                "--resume latest"
+            )
         return path
 
     def save(self, accelerator, state: TrainState, config_json: str) -> Path:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import textwrap
 import types
 import typing
@@ -132,6 +133,18 @@ class TrainConfig:
         0, "cap on steps per epoch (0 = all; for smoke tests)", check=at_least(0)
     )
     cpu: bool = setting(False, "force CPU even when CUDA exists")
+    dist_timeout_s: float = setting(
+        600.0,
+        "seconds a collective waits for the other ranks, then fails the job (a stopped or "
+        "hung peer; torch's default would be 30 min); docs/faults.md",
+        check=(lambda v: math.isfinite(v) and v >= 1, "must be >= 1 second"),
+    )
+    refine_timeout_s: float = setting(
+        3600.0,
+        "the same during a refinement pass (text fitting, each rank's label pass, the "
+        "commit): grows with the corpus",
+        check=(lambda v: math.isfinite(v) and v >= 1, "must be >= 1 second"),
+    )
 
     def __post_init__(self) -> None:
         check_fields(self, "train")
@@ -206,13 +219,34 @@ def _load_file(path: str) -> dict:
     if p.suffix in (".yaml", ".yml"):
         import yaml
 
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: invalid YAML{_yaml_where(e)}") from None
     else:
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+            ) from None
     if not isinstance(data, dict):
         # a user's file with the wrong content: reported like every other bad setting
         raise ValueError(f"{path}: expected a mapping of sections, got {type(data).__name__}")  # noqa: TRY004
     return data
+
+
+def _yaml_where(e) -> str:
+    """`` at line L, column C: problem (context started at line L, column C)`` in one line
+    (PyYAML's own text spans several lines and quotes the source)."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is None or problem is None:
+        return ": " + " ".join(str(e).split())
+    out = f" at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, where = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and where is not None:
+        out += f" ({context} started at line {where.line + 1}, column {where.column + 1})"
+    return out
 
 
 def _resolve_key(key: str, sections: dict[str, dict[str, Any]]) -> tuple[str, str]:

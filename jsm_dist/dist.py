@@ -3,12 +3,25 @@
 Everything distributed outside accelerate goes through here: the label store, the
 refinement pass and the loaders ask this module for rank/world and for barriers, so they
 run unchanged under ``accelerate launch`` / torchrun / srun and under ``python -m``.
+
+It also bounds how long a collective waits for the other ranks: every process group gets
+``train.dist_timeout_s`` (a phase that legitimately waits longer, the refinement pass,
+runs in :func:`long_phase` with its own), and :func:`describe_collective_failure` turns a
+timeout into one line naming the phase and the setting to raise. A stopped rank thus ends
+the job after the timeout (its peer exits non-zero, then torchrun kills the stopped one)
+instead of after torch's default of 30 minutes.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+
+# How long a collective waits for the other ranks before the job fails (train.dist_timeout_s).
+# torch's own default is 30 min on gloo: a stopped (not dead) peer would hang the job that long.
+DEFAULT_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -46,6 +59,176 @@ def world_info() -> WorldInfo:
             int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
         )
     return WorldInfo()
+
+
+# ---- phases and collective timeouts ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Phase:
+    """What the job is doing now and how long its collectives wait (for failure messages)."""
+
+    name: str = "start-up"
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    setting: str = "train.dist_timeout_s"  # the setting that raises timeout_s
+
+
+_phase = Phase()
+
+
+def current_phase() -> Phase:
+    return _phase
+
+
+def set_phase(name: str, *, timeout_s: float | None = None) -> None:
+    """Enter phase ``name``: failure messages name it, and every process group of this
+    rank waits ``timeout_s`` (default: the current phase's) in a collective from now on.
+
+    Every group, not only the default one: a group made later (DeepSpeed makes its
+    data-parallel groups in ``prepare``) starts with torch's default, 30 min on gloo, so
+    the training phase is entered after ``prepare``.
+    """
+    global _phase
+    _phase = replace(_phase, name=name, timeout_s=timeout_s or _phase.timeout_s)
+    _apply_timeout(_phase.timeout_s)
+
+
+@contextmanager
+def long_phase(name: str, timeout_s: float, setting: str) -> Iterator[None]:
+    """A phase whose collectives may legitimately wait longer than the job's timeout.
+
+    Every collective in it (accelerate's, DDP's, DeepSpeed's, this module's, the label
+    store's commit) waits up to ``timeout_s``; the job's timeout comes back on leaving.
+    The timeout is this rank's setting of its process groups (gloo applies it to the
+    collectives issued after the change, measured), so each rank sets it on entering.
+    Outside a process group this only names the phase.
+    """
+    global _phase
+    outer = _phase
+    _phase = Phase(name, timeout_s, setting)
+    _apply_timeout(timeout_s)
+    try:
+        yield
+    except BaseException as e:
+        if not hasattr(e, "jsm_phase"):  # caught outside: the message must name this phase
+            e.jsm_phase = _phase
+        raise
+    finally:
+        _phase = outer
+        _apply_timeout(outer.timeout_s)
+
+
+def _process_groups() -> list:
+    """Every process group this rank belongs to (the default one first); [] without one."""
+    td = _torch_dist()
+    if td is None:
+        return []
+    c10d = td.distributed_c10d
+    default = c10d._get_default_group()
+    others = [g for g in c10d._world.pg_map if g is not default and not c10d._rank_not_in_group(g)]
+    return [default, *others]
+
+
+def _apply_timeout(timeout_s: float) -> None:
+    from datetime import timedelta
+
+    import torch.distributed as td
+
+    for group in _process_groups():
+        # torch has no public setter; torchtitan changes its groups' timeouts the same way
+        td.distributed_c10d._set_pg_timeout(timedelta(seconds=timeout_s), group)
+
+
+def group_timeouts_s() -> list[float | None]:
+    """The timeout of every process group of this rank (default group first), as the
+    backends hold it; [] without a process group.
+
+    Read back rather than trusted: accelerate drops an ``InitProcessGroupKwargs`` value that
+    equals its class default (600 s), which then became torch's 30 min on gloo; None for a
+    backend that does not expose its options.
+    """
+    import torch
+
+    out = []
+    for group in _process_groups():
+        seconds = None
+        for device in ("cpu", "cuda"):
+            try:
+                seconds = group._get_backend(torch.device(device)).options._timeout
+                seconds = seconds.total_seconds()
+                break
+            except (AttributeError, RuntimeError, ValueError):
+                continue
+        out.append(seconds)
+    return out
+
+
+def group_timeout_s() -> float | None:
+    """The default process group's timeout (None without one); see group_timeouts_s."""
+    return (group_timeouts_s() or [None])[0]
+
+
+# gloo and NCCL say so in these words when a collective waited past its timeout ...
+_TIMEOUT_MARKS = ("timed out", "timeout")
+# ... and in these when a peer process went away in the middle of one
+_PEER_LOST_MARKS = ("connection closed by peer", "connection reset by peer", "broken pipe")
+# gloo messages that carry no file name (seen: a DDP buffer broadcast after a timeout)
+_GLOO_PHRASES = ("caused pair closure", "timed out waiting")
+# where a collective's error is raised when it comes through Python code
+_COLLECTIVE_CODE = ("/torch/distributed/", "/torch/nn/parallel/distributed", "/deepspeed/comm/")
+
+
+def describe_collective_failure(exc: BaseException, rank: int | None = None) -> str | None:
+    """One line saying which phase's collective failed and what to do, or None when
+    ``exc`` is not a collective timeout / lost peer (then it is a bug to show in full).
+
+    gloo raises plain RuntimeErrors, mostly naming its source file
+    (``.../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 20000ms for recv``),
+    sometimes not (``Application timeout caused pair closure``, from a DDP broadcast);
+    NCCL and the c10d store raise ``torch.distributed.DistError`` subclasses.
+    """
+    if not isinstance(exc, RuntimeError):  # DistError subclasses RuntimeError
+        return None
+    text = str(exc).lower()
+    from_dist = (
+        "gloo" in text
+        or "nccl" in text
+        or any(p in text for p in _GLOO_PHRASES)
+        or _is_dist_error(exc)
+        or _raised_in_collective_code(exc)
+    )
+    if not from_dist:
+        return None
+    rank = world_info().rank if rank is None else rank
+    ph = getattr(exc, "jsm_phase", _phase)
+    if any(m in text for m in _TIMEOUT_MARKS):
+        return (
+            f"rank {rank}: a collective of phase '{ph.name}' timed out after {ph.timeout_s:g} s "
+            f"(another rank is stopped, hung or much slower); if this phase legitimately takes "
+            f"longer, raise {ph.setting}"
+        )
+    if any(m in text for m in _PEER_LOST_MARKS):
+        return (
+            f"rank {rank}: a peer rank went away during a collective of phase '{ph.name}' "
+            "(it crashed or was killed: see its own message)"
+        )
+    return None
+
+
+def _raised_in_collective_code(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None:
+        if any(part in tb.tb_frame.f_code.co_filename for part in _COLLECTIVE_CODE):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _is_dist_error(exc: BaseException) -> bool:
+    import torch.distributed as td
+
+    error = getattr(td, "DistError", None)
+    return error is not None and isinstance(exc, error)
 
 
 def barrier() -> None:
@@ -116,19 +299,45 @@ def using_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
 
 
+def process_group_handlers(handlers: list, timeout_s: float) -> list:
+    """``handlers`` with the process-group timeout set: on the launcher's own
+    ``InitProcessGroupKwargs`` (DeepSpeed on CPU brings one for gloo), else on a new one.
+
+    accelerate passes a handler's fields to ``init_process_group`` (DDP) or to DeepSpeed's
+    ``init_distributed`` only when they differ from a default-constructed handler, whose
+    timeout is 600 s: a 600 s setting would be dropped and gloo would wait its default
+    30 min. The handler here always hands its timeout on.
+    """
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    out = list(handlers)
+    init = next((h for h in out if isinstance(h, InitProcessGroupKwargs)), None)
+    if init is None:
+        init = InitProcessGroupKwargs()
+        out.append(init)
+    init.timeout = timedelta(seconds=timeout_s)
+    kwargs = {**init.to_kwargs(), "timeout": init.timeout}
+    init.to_kwargs = lambda: dict(kwargs)  # the one call accelerate makes on this handler
+    return out
+
+
 def make_accelerator(
     *,
     force_cpu: bool = False,
     mixed_precision: str = "no",
     grad_accum: int = 1,
     find_unused_parameters: bool = True,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
 ):
     """The run's ``Accelerator``, set up for the hardware and the launcher at hand.
 
     CUDA: NCCL (DDP or DeepSpeed as launched). No CUDA: ``cpu=True`` for DDP over gloo, or
     a gloo process group for DeepSpeed (see ``launcher.accelerator_kwargs``). Fails, never
     hangs, when DeepSpeed is combined with CPU forcing or when the launcher's world size
-    disagrees with the accelerator's (``launcher.verify_world``).
+    disagrees with the accelerator's (``launcher.verify_world``). ``timeout_s``: how long a
+    collective waits for the other ranks (checked on the process group once it exists).
     """
     import torch
     from accelerate import Accelerator
@@ -146,8 +355,9 @@ def make_accelerator(
         kwargs = {"cpu": True}
     if kwargs.get("cpu") or not torch.cuda.is_available():
         mixed_precision = "no"  # fp16/bf16 autocast on CPU only slows these convolutions
-    handlers = kwargs.pop("kwargs_handlers", [])
+    handlers = process_group_handlers(kwargs.pop("kwargs_handlers", []), timeout_s)
     handlers.append(DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters))
+    set_phase("start-up", timeout_s=timeout_s)
     acc = Accelerator(
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=grad_accum,
@@ -155,15 +365,23 @@ def make_accelerator(
         **kwargs,
     )
     launcher.verify_world(acc)
+    got = group_timeout_s()
+    if got is not None and abs(got - timeout_s) > 1e-3:
+        raise RuntimeError(
+            f"the process group's collective timeout is {got:g} s, not the {timeout_s:g} s "
+            "asked for (train.dist_timeout_s): accelerate did not pass it on"
+        )
     return acc
 
 
 def fault_point(name: str, value: int | None = None) -> None:
-    """Fault injection for crash tests: SIGKILL this process at a named point.
+    """Fault injection for crash and hang tests: act on this process at a named point.
 
     ``JSM_FAULT=<name>[:<value>]`` (and optionally ``JSM_FAULT_RANK=<rank>``, default 0)
-    kills the matching rank with SIGKILL — a real, unclean death, no cleanup — when the
-    run reaches ``fault_point(name, value)``. Unset (always, outside tests) it does nothing.
+    acts on the matching rank when the run reaches ``fault_point(name, value)``; what it
+    does is ``JSM_FAULT_ACTION``: ``kill`` (default: SIGKILL, a real, unclean death, no
+    cleanup), ``stop`` (SIGSTOP: alive but frozen, as a hung peer is) or ``sleep:<s>``
+    (a slow rank). Unset (always, outside tests) it does nothing.
     """
     spec = os.environ.get("JSM_FAULT")
     if not spec:
@@ -173,9 +391,18 @@ def fault_point(name: str, value: int | None = None) -> None:
         return
     if world_info().rank != int(os.environ.get("JSM_FAULT_RANK", "0")):
         return
+    import logging
     import signal
     import sys
+    import time
 
+    action, _, arg = os.environ.get("JSM_FAULT_ACTION", "kill").partition(":")
+    logging.getLogger(__name__).warning("fault point %s(%s): %s %s", name, value, action, arg)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
+    if action == "sleep":
+        time.sleep(float(arg))
+    elif action == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
+    else:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -214,6 +214,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         print(("ACCELERATE_USE_CPU=1 " if cfg.mode == "cpu" else "") + line)
         return 0
+    if cfg.train_target == "jsm_dist.train":
+        # bad settings end here in one line, not in one traceback per rank plus torchrun's
+        from jsm_dist.train import check_settings
+
+        if check_settings(list(cfg.train_args), world_size=cfg.num_processes) is None:
+            return 2
     logger.info("node %d/%d: %s", cfg.machine_rank, cfg.num_machines, line)
     sys.stdout.flush()
     sys.stderr.flush()

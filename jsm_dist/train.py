@@ -29,8 +29,11 @@ from jsm_dist.config import Config, help_text, parse_cli
 log = logging.getLogger("jsm_dist.train")
 
 
-def validate(cfg: Config):
-    """Fail fast, before any process does work: corpus, label store, settings together."""
+def validate(cfg: Config, world_size: int | None = None):
+    """Fail fast, before any process does work: corpus, label store, settings together.
+
+    ``world_size``: the ranks the job will have (default: the launcher's WORLD_SIZE).
+    """
     from jsm_dist.data import remote
     from jsm_dist.data.corpus import Corpus
     from jsm_dist.labels import LabelStore
@@ -61,6 +64,22 @@ def validate(cfg: Config):
         raise ValueError("model.mode=weak needs captions; this corpus has none (use unsupervised)")
     if cfg.train.eval_corpus:
         Corpus.load(cfg.train.eval_corpus)
+    # what would otherwise fail only once every rank has joined the process group
+    from jsm_dist.data.stream import check_shards_cover_ranks
+
+    check_shards_cover_ranks(corpus, world_size or dist.world_info().world_size)
+    ckpt = Checkpointer(cfg.train.out_dir)
+    if cfg.train.resume not in ("", "latest"):
+        ckpt.resolve(cfg.train.resume)  # an explicit checkpoint must exist and be complete
+    resuming = bool(cfg.train.resume) and (
+        cfg.train.resume != "latest" or ckpt.latest() is not None
+    )
+    seeds_run_store = cfg.train.label_store != "corpus" and not resuming
+    if seeds_run_store and not store.has_generation(cfg.train.init_generation):
+        raise ValueError(
+            f"corpus label store {corpus.label_dir} has no generation "
+            f"{cfg.train.init_generation} (train.init_generation); it has {store.generations}"
+        )
     return corpus, store
 
 
@@ -152,6 +171,7 @@ def run(cfg: Config) -> TrainState:
         force_cpu=cfg.train.cpu,
         mixed_precision=cfg.train.mixed_precision,
         grad_accum=cfg.train.grad_accum,
+        timeout_s=cfg.train.dist_timeout_s,
     )
     world = dist.world_info()
     _configure_deepspeed(accelerator, cfg, world.world_size)
@@ -168,6 +188,15 @@ def run(cfg: Config) -> TrainState:
         cfg, model, per_epoch * cfg.train.epochs * world.world_size
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    dist.set_phase("training")  # after prepare: DeepSpeed's own groups get the timeout too
+    if world.world_size > 1:
+        log.info(
+            "collectives wait up to %g s (train.dist_timeout_s), %g s in refinement "
+            "(train.refine_timeout_s); process group timeouts read back: %s s",
+            cfg.train.dist_timeout_s,
+            cfg.train.refine_timeout_s,
+            dist.group_timeouts_s(),
+        )
     raw_model = accelerator.unwrap_model(model)
     config_json = __import__("json").dumps(cfg.to_dict(), indent=1)
     if accelerator.is_main_process:
@@ -248,7 +277,12 @@ def run(cfg: Config) -> TrainState:
 
     while True:
         if state.refine_pending:
-            refine_now()
+            # text fitting runs on rank 0 alone and the pass on each rank's own shards: the
+            # others wait in a collective for as long as that takes
+            with dist.long_phase(
+                "refinement", cfg.train.refine_timeout_s, "train.refine_timeout_s"
+            ):
+                refine_now()
         if state.epoch >= cfg.train.epochs:
             break
         epoch = state.epoch
@@ -291,6 +325,7 @@ def run(cfg: Config) -> TrainState:
             state.refine_pending = True  # saved first: a crash in the pass redoes it on resume
         ckpt.save(accelerator, state, config_json)
 
+    dist.set_phase("finish")
     # every rank reports its step count: equal steps per rank is what keeps DDP from hanging
     steps = dist.all_gather_object(state.global_step)
     tele.log_event(
@@ -350,6 +385,56 @@ def _align_store(store, state: TrainState, accelerator):
     return store
 
 
+def _advise(cfg: Config, corpus) -> None:
+    """Log settings that work but may not do what was meant (main rank, before any work)."""
+    from jsm_dist.data.stream import balanced_split, check_shards_cover_ranks
+
+    world = dist.world_info()
+    if not world.is_main:
+        return
+    sizes = corpus.shard_sizes
+    parts = balanced_split(
+        check_shards_cover_ranks(corpus, world.world_size), sizes, world.world_size
+    )
+    shares = [sum(sizes[s] for s in part) for part in parts]  # the loader's split, any epoch
+    if cfg.data.batch_size > min(shares):
+        # a rank fills its batches by going round its shards again: the same samples twice
+        # in one batch; with fewer samples than one step of all ranks, epochs are 1 step
+        short = cfg.data.batch_size * world.world_size > corpus.num_samples
+        log.warning(
+            "data.batch_size=%d is larger than a rank's share of the corpus (%d samples in "
+            "whole shards over %d ranks: %s per rank): batches repeat samples%s; use "
+            "--data.batch_size %d or less",
+            cfg.data.batch_size,
+            corpus.num_samples,
+            world.world_size,
+            shares,
+            " and each epoch is 1 step" if short else "",
+            min(shares),
+        )
+    ckpt = Checkpointer(cfg.train.out_dir)
+    if cfg.train.resume == "latest" and ckpt.latest() is None:
+        log.info("--resume latest: no complete checkpoint in %s: starting fresh", ckpt.root)
+
+
+def check_settings(argv: list[str], world_size: int | None = None):
+    """(config, corpus) of a valid command line, else None after one line on stderr.
+
+    Bad input (settings, files, corpus, label store, checkpoint to resume) is reported
+    without a traceback, before any process group exists; ``jsm_dist.launcher`` runs this
+    once before it starts the processes (``world_size``: the job's).
+    """
+    from jsm_dist.labels import LabelStoreError
+
+    try:
+        cfg, _ = parse_cli(argv)
+        corpus, _ = validate(cfg, world_size)
+    except (ValueError, OSError, LabelStoreError) as e:
+        print(f"jsm_dist.train: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+        return None
+    return cfg, corpus
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
@@ -360,10 +445,12 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s [rank {dist.world_info().rank}] %(name)s: %(message)s",
     )
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per checkpoint file
+    checked = check_settings(argv)
+    if checked is None:
+        return 2
+    cfg, corpus = checked
     lock = None
     try:
-        cfg, _ = parse_cli(argv)
-        corpus, _ = validate(cfg)
         # one job per run directory: the main process holds the lock before anything is
         # written and until it exits (jsm_dist/runlock.py)
         if dist.world_info().is_main:
@@ -374,8 +461,19 @@ def main(argv: list[str] | None = None) -> int:
             lock.release()
         print(f"jsm_dist.train: error: {e}", file=sys.stderr)
         return 2
+    _advise(cfg, corpus)
     try:
         run(cfg)
+    except RuntimeError as e:
+        msg = dist.describe_collective_failure(e)
+        if msg is None:
+            raise
+        # a hung or lost peer: the phase and the setting say it all, a traceback would not
+        from tqdm.auto import tqdm
+
+        with tqdm.external_write_mode(file=sys.stderr):  # not glued to a progress bar
+            print(f"jsm_dist.train: error: {msg}", file=sys.stderr, flush=True)
+        return 1
     finally:
         if lock is not None:
             lock.release()

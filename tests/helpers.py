@@ -27,6 +27,13 @@ from jsm_dist.data.vocab import build_vocab
 
 WORDS = ("ball", "cube", "star", "ring")
 
+# settings of a small, quick training run on a tiny corpus (2 CPU processes in seconds)
+TINY_TRAIN_ARGS = (
+    "--model.encoder", "tiny", "--model.pretrained", "false", "--model.crf", "false",
+    "--data.train_size", "32", "--data.batch_size", "4", "--data.num_workers", "1",
+    "--tensorboard", "false", "--seed", "3",
+)  # fmt: skip
+
 
 def label_value(shard: int, index: int) -> int:
     """The uint8 value of the "id" label of sample (shard, index): distinct for small ids."""

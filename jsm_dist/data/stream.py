@@ -503,6 +503,19 @@ def _clamp_workers(requested: int, n_shards: int, what: str) -> int:
     return requested
 
 
+def check_shards_cover_ranks(corpus: Corpus, world_size: int) -> list[int]:
+    """The non-empty shards; a ValueError when there are fewer than ranks (a training rank
+    reads whole shards, so one without any would have nothing to train on)."""
+    nonempty = [s for s, n in enumerate(corpus.shard_sizes) if n > 0]
+    if len(nonempty) < world_size:
+        raise ValueError(
+            f"corpus {corpus.root} has {len(nonempty)} non-empty shards for {world_size} "
+            "ranks: every rank needs one (repack with a smaller --samples-per-shard, or "
+            "launch fewer processes)"
+        )
+    return nonempty
+
+
 def make_train_loader(
     corpus: Corpus,
     cfg: DataConfig,
@@ -520,12 +533,7 @@ def make_train_loader(
     """
     world = world or dist.world_info()
     sizes = corpus.shard_sizes
-    nonempty = [s for s, n in enumerate(sizes) if n > 0]
-    if len(nonempty) < world.world_size:
-        raise ValueError(
-            f"corpus {corpus.root} has {len(nonempty)} non-empty shards for {world.world_size} "
-            "ranks: every rank needs one (repack with a smaller --samples-per-shard)"
-        )
+    nonempty = check_shards_cover_ranks(corpus, world.world_size)
     per_rank = balanced_split(nonempty, sizes, world.world_size, dist.derive_seed(seed, epoch))
     mine = per_rank[world.rank]
     workers = _clamp_workers(cfg.num_workers, len(mine), "train loader")

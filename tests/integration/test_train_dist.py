@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import garble_member, label_value, make_tiny_corpus
+from helpers import TINY_TRAIN_ARGS, garble_member, label_value, make_tiny_corpus
 
 from jsm_dist.labels import LabelStore
 from jsm_dist.launcher import local_launch
@@ -26,24 +27,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 SHARDS = (9, 5, 7, 3)  # uneven: rank 0 owns 16 samples for refinement, rank 1 owns 8
-COMMON = [
-    "--model.encoder",
-    "tiny",
-    "--model.pretrained",
-    "false",
-    "--model.crf",
-    "false",
-    "--data.train_size",
-    "32",
-    "--data.batch_size",
-    "4",
-    "--data.num_workers",
-    "1",
-    "--tensorboard",
-    "false",
-    "--seed",
-    "3",
-]
+COMMON = list(TINY_TRAIN_ARGS)
 
 
 def launch(args: list[str], *, deepspeed: bool = False, fault: str = "", timeout: int = 300):
@@ -158,6 +142,10 @@ def test_deepspeed_zero2_train_refine_and_resume(corpus, tmp_path):
             "--text_fit_epochs", "1"]  # fmt: skip
     res = launch(args + ["--epochs", "1"], deepspeed=True, timeout=400)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    # the default group and DeepSpeed's own (made in prepare) have train.dist_timeout_s
+    seen = re.findall(r"process group timeouts read back: \[(.*)\] s", res.stderr)
+    groups = [v.split(", ") for v in seen]
+    assert len(groups) == 2 and all(len(g) >= 2 and set(g) == {"600.0"} for g in groups), seen
     ckpt = max((run / "checkpoints").glob("step-*"))
     assert (ckpt / "pytorch_model").is_dir(), "not a DeepSpeed checkpoint"
     res = launch(args + ["--epochs", "2", "--resume", "latest"], deepspeed=True, timeout=400)
