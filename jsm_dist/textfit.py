@@ -274,7 +274,7 @@ def _epoch_plan(part: _Part, has_word: torch.Tensor, batch_size: int, gen, reduc
             torch.bincount(batch[has_word[order]], minlength=steps),
         ]
     )
-    counts = reduce(mine.to(part.pooled.device)).cpu()
+    counts = reduce(mine.to(part.pooled.device, copy=True)).cpu()  # in place: not on mine
     return order, mine[0].tolist(), counts.tolist()
 
 
