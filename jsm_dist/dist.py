@@ -281,6 +281,18 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_tensor(tensor):
+    """Sum ``tensor`` over ranks in place and return it (unchanged in a single process).
+
+    The tensor must live where the backend reduces (CPU for gloo, the GPU for NCCL), and
+    every rank must pass one of the same shape and dtype.
+    """
+    td = _torch_dist()
+    if td is not None and td.get_world_size() > 1:
+        td.all_reduce(tensor)
+    return tensor
+
+
 def derive_seed(seed: int, *parts: int) -> int:
     """Deterministic 31-bit seed from a base seed and (rank, worker, epoch, ...)."""
     import hashlib

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from helpers import make_tiny_corpus
 
-from jsm_dist import schema
+from jsm_dist import jsm, schema
 from jsm_dist.bench.model import VOCAB, make_batch
 from jsm_dist.data.stream import DataConfig
 from jsm_dist.models import JSMModel, ModelConfig
-from jsm_dist.textfit import capped_shards, collect_pooled, fit_pooled, fit_scorer
+from jsm_dist.textfit import (
+    batch_loss_share,
+    capped_shards,
+    collect_pooled,
+    fit_pooled,
+    fit_scorer,
+    global_positions,
+    state_digest,
+)
 
 SIZE = 32
 
@@ -136,3 +146,114 @@ def test_fit_scorer_single_process_uses_every_sample_and_is_deterministic(tmp_pa
     assert stats.samples == 9
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(va, vb), k
+
+
+def fit_inputs(n: int = 10):
+    model = tiny_model()
+    batch = visual_batch(n)
+    with torch.no_grad():
+        pooled = model.text_pooled(batch[schema.RGB])
+    words = batch[schema.WORD].clone()
+    words[::4] = 0  # some samples without a salient word
+    return model, pooled, list(batch[schema.CAPTION]), batch[schema.WORD_POS], words
+
+
+def plain_fit(text, pooled, captions, word_pos, words, *, epochs, lr, batch_size, seed, clip):
+    """The fit transcribed plainly: one process, Adam over every weight (the whole token
+    embedding included), value clipping, :func:`jsm.tsm_loss` per batch."""
+    fitted = copy.deepcopy(text)
+    tokens = fitted.encode_text(captions, word_pos, words)
+    params = [p for p in fitted.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr, fused=True)
+    gen = torch.Generator().manual_seed(seed)
+    fitted.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _ in range(epochs):
+            for idx in torch.randperm(len(words), generator=gen).split(batch_size):
+                logp = torch.log_softmax(
+                    fitted.forward_pooled(pooled[:, idx], tokens.select(idx)), -1
+                )
+                loss = jsm.tsm_loss(logp, words[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_value_(params, clip)
+                opt.step()
+    return fitted.eval()
+
+
+def test_fit_pooled_is_the_plain_fit():
+    """Dropout on: the single-process stream is rank 0's. Only the caption tokens' embedding
+    rows are fitted; the others (zero gradient and moments under Adam) stay where they are."""
+    model, pooled, captions, word_pos, words = fit_inputs()
+    kw = {"epochs": 3, "lr": 3e-3, "batch_size": 4, "seed": 11, "clip": 0.05}
+    want = plain_fit(model.text, pooled, captions, word_pos, words, **kw)
+    got, stats = fit_pooled(model.text, pooled, captions, word_pos, words, **kw)
+    assert stats.samples == 10 and stats.loss_last < stats.loss_first
+    for k, v in want.state_dict().items():
+        torch.testing.assert_close(got.state_dict()[k], v, atol=1e-6, rtol=0, msg=k)
+    emb = got.bert.get_input_embeddings()
+    assert isinstance(emb, torch.nn.Embedding) and emb.num_embeddings == len(model.text.tokenizer)
+    moved = (emb.weight != model.text.bert.get_input_embeddings().weight).any(1)
+    used = torch.zeros_like(moved)
+    used[model.text.encode_text(captions, word_pos, words).input_ids.unique()] = True
+    assert moved.any() and not (moved & ~used).any()
+
+
+def test_batches_follow_the_global_places_not_the_local_order():
+    model, pooled, captions, word_pos, words = fit_inputs()
+    kw = {"epochs": 2, "lr": 3e-3, "batch_size": 3, "seed": 2, "clip": 0.5}
+    want, _ = fit_pooled(model.text, pooled, captions, word_pos, words, **kw)
+    shuffled = torch.randperm(10, generator=torch.Generator().manual_seed(1))
+    got, stats = fit_pooled(
+        model.text,
+        pooled[:, shuffled],
+        [captions[i] for i in shuffled],
+        word_pos[shuffled],
+        words[shuffled],
+        positions=shuffled,  # sample i of this call sits at place shuffled[i]
+        total=10,
+        **kw,
+    )
+    assert stats.samples == 10
+    for k, v in want.state_dict().items():
+        torch.testing.assert_close(got.state_dict()[k], v, atol=1e-6, rtol=0, msg=k)
+    with pytest.raises(ValueError, match="outside the corpus' shard sizes"):
+        fit_pooled(model.text, pooled, captions, word_pos, words, positions=torch.arange(10),
+                   total=9, **kw)  # fmt: skip
+
+
+def test_loss_shares_of_a_split_batch_sum_to_its_tsm_loss():
+    g = torch.Generator().manual_seed(0)
+    logp = torch.log_softmax(torch.randn(2, 7, 5, generator=g), -1)
+    words = torch.tensor([1, 0, 3, 2, 0, 4, 1])
+    whole = jsm.tsm_loss(logp, words)
+    n_word = int((words != 0).sum())
+    torch.testing.assert_close(batch_loss_share(logp, words, 7, n_word), whole)
+    parts = [batch_loss_share(logp[:, s], words[s], 7, n_word) for s in (slice(0, 2), slice(2, 7))]
+    torch.testing.assert_close(sum(parts), whole)
+    no_word = torch.zeros(3, dtype=torch.long)
+    torch.testing.assert_close(
+        batch_loss_share(logp[:, :3], no_word, 3, 0), jsm.tsm_loss(logp[:, :3], no_word)
+    )
+
+
+def test_global_places_from_the_shard_sizes(tmp_path):
+    corpus = make_tiny_corpus(tmp_path, shard_sizes=(3, 2, 4), size=SIZE)
+    shard, index = [2, 0, 1, 2], [3, 0, 1, 0]
+    pos, total = global_positions(corpus, 2, 0, shard, index)
+    assert total == 9 and pos.tolist() == [8, 0, 4, 5]  # (shard, index) order over all shards
+    # cap 2 per rank: rank 0 caches shard 0, rank 1 shard 1; shard 2 is not in the order
+    pos, total = global_positions(corpus, 2, 2, shard, index)
+    assert total == 5 and pos.tolist() == [-1, 0, 4, -1]
+    pos, _ = global_positions(corpus, 1, 0, [0, 7, -1, 1], [3, 0, 0, 1])
+    assert pos.tolist() == [-1, -1, -1, 4]  # past a shard's end, unknown shards
+
+
+def test_state_digest_sees_one_changed_weight():
+    model = tiny_model()
+    twin = copy.deepcopy(model.text)
+    assert state_digest(twin) == state_digest(model.text)
+    with torch.no_grad():
+        twin.head[1].bias[0] += 1e-7
+    assert state_digest(twin) != state_digest(model.text)
