@@ -47,7 +47,7 @@ class TrainConfig:
     corpus: str = setting("", "packed corpus directory (holds corpus.json and labels/)")
     eval_corpus: str = setting(
         "",
-        "held-out packed corpus: checked at start; the run report (jsm_dist.runreport) "
+        "held-out packed corpus: checked at start; the run report (jsm_dist.eval.runreport) "
         "evaluates the final RGB-only model on it (read from the run's config.json)",
     )
     out_dir: str = setting("runs/default", "run directory: config, checkpoints, logs, report")
@@ -70,7 +70,7 @@ class TrainConfig:
     text_fit_epochs: int = setting(
         0,
         "> 0: before each refinement, fit a copy of the text network this many epochs on "
-        "cached pooled features and score the candidates with it (jsm_dist/textfit.py); "
+        "cached pooled features and score the candidates with it (jsm_dist/refine/textfit.py); "
         "0 = the reference: score with the jointly trained text network as it is",
         check=at_least(0),
     )

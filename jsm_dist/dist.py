@@ -15,13 +15,15 @@ instead of after torch's default of 30 minutes.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 # How long a collective waits for the other ranks before the job fails (train.dist_timeout_s).
 # torch's own default is 30 min on gloo: a stopped (not dead) peer would hang the job that long.
 DEFAULT_TIMEOUT_S = 600.0
+
+TRUE_VALUES = {"1", "true", "yes", "on"}  # how launchers spell a true environment flag
 
 
 @dataclass(frozen=True)
@@ -308,7 +310,43 @@ def owner_of_shard(shard: int, world_size: int) -> int:
 
 def using_deepspeed() -> bool:
     """True when launched with ``accelerate launch --use_deepspeed`` (or a DeepSpeed yaml)."""
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in TRUE_VALUES
+
+
+def accelerator_kwargs(cuda_available: bool | None = None, env: Mapping[str, str] | None = None):
+    """Keyword arguments for ``Accelerator(...)`` that match how the job was launched.
+
+    * no CUDA, no DeepSpeed: ``cpu=True`` (else each torchrun worker silently trains alone);
+    * no CUDA, DeepSpeed: a gloo process group (DeepSpeed on CPU) and no ``cpu=True``.
+    """
+    env = os.environ if env is None else env
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    deepspeed = env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in TRUE_VALUES
+    if cuda_available:
+        return {}
+    if deepspeed:
+        from accelerate.utils import InitProcessGroupKwargs
+
+        return {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
+    return {"cpu": True}
+
+
+def verify_world(accelerator, env: Mapping[str, str] | None = None) -> None:
+    """Fail fast when accelerate's world differs from the launcher's (the silent-NO trap)."""
+    env = os.environ if env is None else env
+    want = int(env.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != want:
+        raise RuntimeError(
+            f"accelerate sees {accelerator.num_processes} process(es) but WORLD_SIZE={want}: on a "
+            "machine without CUDA pass cpu=True (DDP) or a gloo InitProcessGroupKwargs (DeepSpeed)"
+        )
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in TRUE_VALUES:
+        kind = str(accelerator.distributed_type)
+        if "DEEPSPEED" not in kind:
+            raise RuntimeError(f"launched with DeepSpeed but accelerate runs {kind}")
 
 
 def process_group_handlers(handlers: list, timeout_s: float) -> list:
@@ -346,23 +384,21 @@ def make_accelerator(
     """The run's ``Accelerator``, set up for the hardware and the launcher at hand.
 
     CUDA: NCCL (DDP or DeepSpeed as launched). No CUDA: ``cpu=True`` for DDP over gloo, or
-    a gloo process group for DeepSpeed (see ``launcher.accelerator_kwargs``). Fails, never
+    a gloo process group for DeepSpeed (see :func:`accelerator_kwargs`). Fails, never
     hangs, when DeepSpeed is combined with CPU forcing or when the launcher's world size
-    disagrees with the accelerator's (``launcher.verify_world``). ``timeout_s``: how long a
+    disagrees with the accelerator's (:func:`verify_world`). ``timeout_s``: how long a
     collective waits for the other ranks (checked on the process group once it exists).
     """
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    from jsm_dist import launcher
-
     if using_deepspeed() and force_cpu:
         raise ValueError(
             "DeepSpeed cannot be combined with train.cpu=true / accelerate --cpu: "
             "launch without --use_deepspeed for CPU-only DDP, or drop --cpu"
         )
-    kwargs = launcher.accelerator_kwargs(cuda_available=torch.cuda.is_available() and not force_cpu)
+    kwargs = accelerator_kwargs(cuda_available=torch.cuda.is_available() and not force_cpu)
     if force_cpu and not using_deepspeed():
         kwargs = {"cpu": True}
     if kwargs.get("cpu") or not torch.cuda.is_available():
@@ -376,7 +412,7 @@ def make_accelerator(
         kwargs_handlers=handlers,
         **kwargs,
     )
-    launcher.verify_world(acc)
+    verify_world(acc)
     got = group_timeout_s()
     if got is not None and abs(got - timeout_s) > 1e-3:
         raise RuntimeError(

@@ -31,7 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
+from jsm_dist import schema
+from jsm_dist.data.corpus import Corpus
 from jsm_dist.dist import WorldInfo, world_info
+from jsm_dist.models import load_model
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +89,6 @@ def _sample_name(meta: bytes, key: str) -> str:
 
 
 def _shard_items(corpus_dir: Path) -> list[Item]:
-    from jsm_dist.data.corpus import Corpus
 
     items = []
     for shard in Corpus.load(corpus_dir).shard_paths:
@@ -97,9 +99,9 @@ def _shard_items(corpus_dir: Path) -> list[Item]:
                 key, _, ext = m.name.partition(".")
                 if not m.isfile():
                     continue
-                if ext.lower() in ("rgb.jpg", "rgb.jpeg", "rgb.png"):
+                if ext.lower() in (schema.MEMBER_RGB_JPG, "rgb.jpeg", schema.MEMBER_RGB_PNG):
                     rgb[key] = m
-                elif ext == "json":  # a few hundred bytes; depth and GT are never read
+                elif ext == schema.MEMBER_META:  # a few hundred bytes; depth and GT are never read
                     metas[key] = tar.extractfile(m).read()
         items += [
             Item(_sample_name(metas.get(key, b"{}"), key), shard, m.offset_data, m.size)
@@ -181,7 +183,7 @@ class _Images:
         small = np.asarray(Image.fromarray(rgb).resize((self.size, self.size), Image.BILINEAR))
         return {
             "i": i,
-            "rgb": torch.from_numpy(small.copy()).permute(2, 0, 1).float() / 255,
+            schema.RGB: torch.from_numpy(small.copy()).permute(2, 0, 1).float() / 255,
             "hw": (h, w),
         }
 
@@ -189,11 +191,11 @@ class _Images:
 def _collate(samples: list[dict]) -> dict:
     import torch
 
-    good = [s for s in samples if "rgb" in s]
+    good = [s for s in samples if schema.RGB in s]
     return {
         "i": [s["i"] for s in good],
         "hw": [s["hw"] for s in good],
-        "rgb": torch.stack([s["rgb"] for s in good]) if good else None,
+        schema.RGB: torch.stack([s[schema.RGB] for s in good]) if good else None,
         "errors": [(s["i"], s["error"]) for s in samples if "error" in s],
     }
 
@@ -263,8 +265,8 @@ def predict_images(
             for i, err in batch["errors"]:
                 log.warning("cannot read %s: %s", mine[i].path, err)
                 failed.append((mine[i].path, err))
-            if batch["rgb"] is not None:
-                prob = model.predict(batch["rgb"].to(device, non_blocking=True))
+            if batch[schema.RGB] is not None:
+                prob = model.predict(batch[schema.RGB].to(device, non_blocking=True))
                 for j, (i, hw) in enumerate(zip(batch["i"], batch["hw"])):
                     arr = to_png_map(prob[j : j + 1], hw, cfg.minmax)
                     Image.fromarray(arr).save(out / f"{mine[i].name}.png")
@@ -287,7 +289,6 @@ def predict_images(
 
 def load_model_file(path: str | os.PathLike):
     """The model saved by ``jsm_dist.models.save_model`` (config + vocab + weights)."""
-    from jsm_dist.models import load_model
 
     return load_model(path)
 

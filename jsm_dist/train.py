@@ -5,7 +5,7 @@ Settings: ``python -m jsm_dist.train --help`` (all of them live in jsm_dist/conf
 
 The loop delegates: one ``JSMModel`` + one optimizer through ``accelerator.prepare``;
 streaming loader per rank (equal steps per rank); every ``tau`` epochs a rank-synchronized
-refinement pass (jsm_dist/refine.py) commits a new label-store generation; checkpoints
+refinement pass (jsm_dist/refine/refinement.py) commits a new label-store generation; checkpoints
 (jsm_dist/checkpoint.py) hold the accelerator state and the train state (epoch, data
 position, label generation); telemetry on the main process (jsm_dist/telemetry.py).
 """
@@ -25,6 +25,15 @@ import torch
 from jsm_dist import dist, runlock, schema
 from jsm_dist.checkpoint import Checkpointer, TrainState
 from jsm_dist.config import Config, help_text, parse_cli
+from jsm_dist.data import remote
+from jsm_dist.data.batching import to_float
+from jsm_dist.data.corpus import Corpus
+from jsm_dist.data.stream import balanced_split, check_shards_cover_ranks, make_train_loader
+from jsm_dist.labels import LabelStore, LabelStoreError
+from jsm_dist.labels.runstore import plan_label_store, seed_run_store
+from jsm_dist.models import JSMModel, save_model
+from jsm_dist.refine.refinement import refine_step
+from jsm_dist.telemetry import Telemetry
 
 log = logging.getLogger("jsm_dist.train")
 
@@ -34,9 +43,6 @@ def validate(cfg: Config, world_size: int | None = None):
 
     ``world_size``: the ranks the job will have (default: the launcher's WORLD_SIZE).
     """
-    from jsm_dist.data import remote
-    from jsm_dist.data.corpus import Corpus
-    from jsm_dist.labels import LabelStore
 
     if not cfg.train.corpus:
         raise ValueError("train.corpus is required: --corpus <packed corpus dir> (see jsm-pack)")
@@ -65,7 +71,6 @@ def validate(cfg: Config, world_size: int | None = None):
     if cfg.train.eval_corpus:
         Corpus.load(cfg.train.eval_corpus)
     # what would otherwise fail only once every rank has joined the process group
-    from jsm_dist.data.stream import check_shards_cover_ranks
 
     check_shards_cover_ranks(corpus, world_size or dist.world_info().world_size)
     ckpt = Checkpointer(cfg.train.out_dir)
@@ -92,8 +97,6 @@ def prepare_label_store(cfg: Config, corpus, fresh: bool):
     What may be created or reused where: jsm_dist/labels/runstore.py (checked before the
     process group starts by :func:`check_label_store`, and again here).
     """
-    from jsm_dist.labels import LabelStore
-    from jsm_dist.labels.runstore import plan_label_store, seed_run_store
 
     src = LabelStore.open(corpus.label_dir)
     plan = plan_label_store(cfg.train, corpus, resuming=not fresh)
@@ -114,7 +117,6 @@ def prepare_label_store(cfg: Config, corpus, fresh: bool):
 def check_label_store(cfg: Config, corpus) -> None:
     """Refuse, before the process group starts, a start that would overwrite or misuse a
     label store (file reads only: runs on every rank)."""
-    from jsm_dist.labels.runstore import plan_label_store
 
     resume_from = Checkpointer(cfg.train.out_dir).resolve(cfg.train.resume)
     plan_label_store(cfg.train, corpus, resuming=resume_from is not None)
@@ -158,12 +160,6 @@ def train_step(accelerator, model, optimizer, scheduler, batch, cfg: Config) -> 
 
 
 def run(cfg: Config) -> TrainState:
-    from jsm_dist.data.batching import to_float
-    from jsm_dist.data.stream import make_train_loader
-    from jsm_dist.models import JSMModel, save_model
-    from jsm_dist.refine import refine_labels
-    from jsm_dist.telemetry import Telemetry
-    from jsm_dist.textfit import fit_scorer
 
     corpus, store = validate(cfg)
     out = Path(cfg.train.out_dir)
@@ -178,7 +174,7 @@ def run(cfg: Config) -> TrainState:
     ckpt = Checkpointer(out, keep=cfg.train.keep_checkpoints)
     resume_from = ckpt.resolve(cfg.train.resume)
     corpus, store = prepare_label_store(cfg, corpus, fresh=resume_from is None)
-    torch.manual_seed(dist.derive_seed(cfg.train.seed, 0))  # same init on every rank
+    torch.manual_seed(dist.derive_seed(cfg.train.seed, schema.SEED_INIT))  # same init on every rank
     model = JSMModel(cfg.model, corpus.vocab)
     per_epoch = len(make_train_loader(corpus, cfg.data, epoch=0, seed=cfg.train.seed, world=world))
     if cfg.train.max_steps_per_epoch:
@@ -225,28 +221,8 @@ def run(cfg: Config) -> TrainState:
     device = accelerator.device
 
     def refine_now() -> None:
-        scorer, fit = None, None
-        if cfg.train.text_fit_epochs > 0 and raw_model.text is not None:
-            scorer, fit = fit_scorer(
-                raw_model,
-                corpus,
-                cfg.data,
-                device=device,
-                epochs=cfg.train.text_fit_epochs,
-                lr=cfg.train.text_fit_lr,
-                seed=dist.derive_seed(cfg.train.seed, 7, state.refinements),
-                max_samples=cfg.train.text_fit_max_samples,
-                clip=cfg.train.clip_value or None,
-            )
-        stats = refine_labels(
-            raw_model,
-            corpus,
-            store,
-            cfg.data,
-            device=device,
-            label_eval_max=cfg.train.label_eval_max,
-            grid_samples=cfg.train.image_grid_samples,
-            text=scorer,
+        stats, fit = refine_step(
+            raw_model, corpus, store, cfg, device=device, refinement=state.refinements
         )
         state.label_generation = stats.generation
         state.refinements += 1
@@ -254,19 +230,7 @@ def run(cfg: Config) -> TrainState:
         tele.log_event(
             "refine",
             epoch=state.epoch,
-            generation=stats.generation,
-            seconds=stats.seconds,
-            samples=stats.samples,
-            carried_over=stats.carried_over,  # unreadable samples that kept their old label
-            mean_abs_change=stats.mean_abs_change,
-            fg_old=stats.fg_fraction_old,
-            fg_new=stats.fg_fraction_new,
-            w_g_mean=stats.w_g_mean,
-            w_g_std=stats.w_g_std,
-            text_conf=stats.text_conf,
-            quality_old=stats.quality_old,
-            quality_new=stats.quality_new,
-            choice=stats.choice,
+            **stats.to_log(),
             text_fit=None if fit is None else dataclasses.asdict(fit),
         )
         if stats.grid:
@@ -387,7 +351,6 @@ def _align_store(store, state: TrainState, accelerator):
 
 def _advise(cfg: Config, corpus) -> None:
     """Log settings that work but may not do what was meant (main rank, before any work)."""
-    from jsm_dist.data.stream import balanced_split, check_shards_cover_ranks
 
     world = dist.world_info()
     if not world.is_main:
@@ -421,10 +384,9 @@ def check_settings(argv: list[str], world_size: int | None = None):
     """(config, corpus) of a valid command line, else None after one line on stderr.
 
     Bad input (settings, files, corpus, label store, checkpoint to resume) is reported
-    without a traceback, before any process group exists; ``jsm_dist.launcher`` runs this
+    without a traceback, before any process group exists; ``jsm_dist.launching.cli`` runs this
     once before it starts the processes (``world_size``: the job's).
     """
-    from jsm_dist.labels import LabelStoreError
 
     try:
         cfg, _ = parse_cli(argv)

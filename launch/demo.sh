@@ -45,5 +45,5 @@ ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes "$NPROC" --nu
   -m jsm_dist.train --config "$CONFIG" \
   --corpus "$CORPUS/train" --eval_corpus "$CORPUS/test" --out_dir "$RUN" "${overrides[@]}"
 echo "== [3/4] + [4/4] evaluating label generations and the RGB-only model; writing the report"
-python -m jsm_dist.runreport --run "$RUN" --corpus "$CORPUS/train" --eval-corpus "$CORPUS/test"
+python -m jsm_dist.eval.runreport --run "$RUN" --corpus "$CORPUS/train" --eval-corpus "$CORPUS/test"
 echo "== done in $(( $(date +%s) - start )) s: $RUN/report.md"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Launch jsm_dist training on this machine, or on this node of a SLURM job (run under srun,
 # one task per node). Thin: every knob is an environment variable with a default, and
-# jsm_dist.launcher turns them into one validated `accelerate launch` command, which it execs.
+# jsm_dist.launching.cli turns them into one validated `accelerate launch` command, which it execs.
 # Arguments go to the training module:
 #   launch/train.sh --config configs/demo.yaml --corpus shards/demo/train --epochs 2
 #   MODE=deepspeed launch/train.sh --config configs/demo.yaml --corpus shards/demo/train
@@ -48,4 +48,4 @@ else
   [ -n "$MAIN_PROCESS_IP" ] && args+=(--main-process-ip "$MAIN_PROCESS_IP")
 fi
 [ "$DRY_RUN" = "1" ] && args+=(--dry-run)
-exec "$PYTHON" -m jsm_dist.launcher "${args[@]}" -- "$@"
+exec "$PYTHON" -m jsm_dist.launching.cli "${args[@]}" -- "$@"

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from jsm_dist import schema
-from jsm_dist.data import pack
+from jsm_dist.data import shard_writer
 from jsm_dist.data.corpus import Corpus
 from jsm_dist.data.vocab import build_vocab
 
@@ -150,11 +150,11 @@ def make_tiny_corpus(
         ]
         encoded = []
         for i, raw in enumerate(raws):
-            members = pack.encode_sample(raw, rgb_format=rgb_format)
-            members["json"] = pack.encode_meta(raw["meta"], i)
+            members = shard_writer.encode_sample(raw, rgb_format=rgb_format)
+            members["json"] = shard_writer.encode_meta(raw["meta"], i)
             encoded.append(members)
         tar = out / f"part-{s:06d}.tar"
-        digest, nbytes = pack.write_tar(tar, encoded)
+        digest, nbytes = shard_writer.write_tar(tar, encoded)
         if labels == "id":
             lab = (
                 np.stack(
@@ -180,7 +180,7 @@ def make_tiny_corpus(
                 else np.zeros((0, label_size, label_size), np.uint8)
             )
         elif labels == "initial":
-            lab = pack.initial_labels(
+            lab = shard_writer.initial_labels(
                 [r["rgb"] for r in raws],
                 [r["depth"] for r in raws],
                 schema.NEAR_IS_LARGE,
@@ -201,7 +201,7 @@ def make_tiny_corpus(
             }
         )
     vocab = build_vocab(WORDS if with_text else [])
-    pack.finalize_corpus(
+    shard_writer.finalize_corpus(
         out,
         name,
         vocab,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from jsm_dist import schema
 from jsm_dist.settings import check_fields, setting, within
 
 
@@ -353,21 +354,21 @@ def apply(
     ``rgb`` uint8 (oh,ow,3); ``depth`` and ``label`` (oh,ow) in their input dtypes; ``gt``
     uint8 (oh,ow) in {0, 1} (binarised at half). Other keys pass through.
     """
-    image_hw = sample["rgb"].shape[:2]
+    image_hw = sample[schema.RGB].shape[:2]
     m = output_to_image(snap_to_pixels(geom, image_hw), image_hw, out_hw)
     out = dict(sample)
-    rgb = warp(sample["rgb"], m, image_hw, out_hw)
+    rgb = warp(sample[schema.RGB], m, image_hw, out_hw)
     if jitter:
         if rng is None:
             raise ValueError("color jitter needs an rng")
         rgb = color_jitter(rgb, rng, dst=rgb)
-    out["rgb"] = rgb
-    out["depth"] = warp(sample["depth"], m, image_hw, out_hw)
-    if sample.get("label") is not None:
-        out["label"] = warp(sample["label"], m, image_hw, out_hw)
-    if sample.get("gt") is not None:
-        g = warp(sample["gt"], m, image_hw, out_hw)
-        out["gt"] = cv2.threshold(g, 127, 1, cv2.THRESH_BINARY, dst=g)[1]  # (g >= 128) as 0/1
+    out[schema.RGB] = rgb
+    out[schema.DEPTH] = warp(sample[schema.DEPTH], m, image_hw, out_hw)
+    if sample.get(schema.LABEL) is not None:
+        out[schema.LABEL] = warp(sample[schema.LABEL], m, image_hw, out_hw)
+    if sample.get(schema.GT) is not None:
+        g = warp(sample[schema.GT], m, image_hw, out_hw)
+        out[schema.GT] = cv2.threshold(g, 127, 1, cv2.THRESH_BINARY, dst=g)[1]  # (g >= 128) as 0/1
     return out
 
 
@@ -391,36 +392,38 @@ def apply_into(
     """
     if jitter and rng is None:
         raise ValueError("color jitter needs an rng")
-    out_hw = out["depth"].shape
+    out_hw = out[schema.DEPTH].shape
     oh, ow = out_hw
-    image_hw = sample["rgb"].shape[:2]
+    image_hw = sample[schema.RGB].shape[:2]
     m = output_to_image(snap_to_pixels(geom, image_hw), image_hw, out_hw)
     # (without jitter an exact crop is split straight from the decoded image)
     rgb_buf = _buffer(scratch, "rgb", (oh, ow, 3))
-    rgb = warp(sample["rgb"], m, image_hw, out_hw, dst=rgb_buf, copy=jitter)
+    rgb = warp(sample[schema.RGB], m, image_hw, out_hw, dst=rgb_buf, copy=jitter)
     if jitter:
         rgb = color_jitter(rgb, rng, dst=rgb, scratch=scratch)
-    cv2.split(rgb, [out["rgb"][0], out["rgb"][1], out["rgb"][2]])  # HWC -> CHW planes
-    depth = sample["depth"]
+    cv2.split(
+        rgb, [out[schema.RGB][0], out[schema.RGB][1], out[schema.RGB][2]]
+    )  # HWC -> CHW planes
+    depth = sample[schema.DEPTH]
     if depth.dtype == np.uint16:
-        warp(depth, m, image_hw, out_hw, dst=out["depth"])
+        warp(depth, m, image_hw, out_hw, dst=out[schema.DEPTH])
     else:
         d = warp(depth, m, image_hw, out_hw)
-        np.add(d * np.float32(65535.0), 0.5, out=out["depth"], casting="unsafe")
-    label = sample.get("label")
+        np.add(d * np.float32(65535.0), 0.5, out=out[schema.DEPTH], casting="unsafe")
+    label = sample.get(schema.LABEL)
     if label is None:
-        out["label"].fill(0)
+        out[schema.LABEL].fill(0)
     elif label.dtype == np.uint8:
-        warp(label, m, image_hw, out_hw, dst=out["label"])
+        warp(label, m, image_hw, out_hw, dst=out[schema.LABEL])
     else:  # float label in [0, 1]
         lab = warp(label, m, image_hw, out_hw)
-        np.add(lab * np.float32(255.0), 0.5, out=out["label"], casting="unsafe")
-    gt = sample.get("gt")
+        np.add(lab * np.float32(255.0), 0.5, out=out[schema.LABEL], casting="unsafe")
+    gt = sample.get(schema.GT)
     if "gt" not in out:
         if gt is not None:
             raise ValueError("the sample has ground truth but out has no gt rows")
     elif gt is None:
-        out["gt"].fill(0)
+        out[schema.GT].fill(0)
     else:
         g = warp(gt, m, image_hw, out_hw, dst=_buffer(scratch, "gt", out_hw))
-        cv2.threshold(g, 127, 1, cv2.THRESH_BINARY, dst=out["gt"])  # (g >= 128) as 0/1
+        cv2.threshold(g, 127, 1, cv2.THRESH_BINARY, dst=out[schema.GT])  # (g >= 128) as 0/1

@@ -64,7 +64,7 @@ def collate(
     batch -- and ``hw`` is then the batch's (H, W).
     """
     n = len(samples)
-    h, w = hw if hw is not None else samples[0]["depth"].shape
+    h, w = hw if hw is not None else samples[0][schema.DEPTH].shape
     batch = {}
     if out is None:
         out = empty_images(n, h, w)
@@ -95,7 +95,7 @@ def describe(samples: list[dict]) -> dict:
     """The non-image part of a compact batch: ``has_gt``, ids and text as plain lists
     (every tensor would cost its own shared-memory segment on the way to the main process).
     """
-    batch: dict = {schema.HAS_GT: [s.get("gt") is not None for s in samples]}
+    batch: dict = {schema.HAS_GT: [s.get(schema.GT) is not None for s in samples]}
     for k in schema.INT_KEYS:
         batch[k] = [int(s[k]) for s in samples]
     for k in schema.STR_KEYS:
@@ -105,8 +105,8 @@ def describe(samples: list[dict]) -> dict:
 
 def _copy_images(sample: dict, rows: dict[str, np.ndarray]) -> None:
     """One train-size sample (``augment.apply`` output) into its rows of a compact batch."""
-    cv2.split(sample["rgb"], [rows[schema.RGB][c] for c in range(3)])  # HWC -> CHW planes
-    depth = sample["depth"]
+    cv2.split(sample[schema.RGB], [rows[schema.RGB][c] for c in range(3)])  # HWC -> CHW planes
+    depth = sample[schema.DEPTH]
     if depth.dtype == np.uint16:  # already x 65535 (the loader's decoder)
         rows[schema.DEPTH][...] = depth
     else:

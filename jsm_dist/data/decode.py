@@ -24,8 +24,8 @@ import numpy as np
 from PIL import Image
 
 from jsm_dist import schema
+from jsm_dist.data.masks import mask_from_array, mask_from_image
 from jsm_dist.data.vocab import word_class
-from jsm_dist.masks import mask_from_array, mask_from_image
 
 DEPTH_SUFFIXES = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff", ".npy")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -92,7 +92,7 @@ def decode_depth(data: bytes) -> np.ndarray:
 
 def decode_gray(data: bytes) -> np.ndarray:
     """Ground-truth PNG bytes -> uint8 (H, W), 0..255 (0/1 and palette masks too, as
-    :mod:`jsm_dist.masks` reads them: corpora packed before the packer normalised them)."""
+    :mod:`jsm_dist.data.masks` reads them: corpora packed before the packer normalised them)."""
     if data[:8] == _PNG_SIG:
         arr = _cv2_decode(data, cv2.IMREAD_UNCHANGED)
         if arr.ndim == 2 and arr.dtype in (np.uint8, np.uint16):
@@ -215,15 +215,15 @@ class SampleDecoder:
         shard = self.url_to_shard.get(url)
         if shard is None:
             raise CorruptMember("unknown shard url", where)
-        for member in ("json", "depth.png"):
+        for member in (schema.MEMBER_META, schema.MEMBER_DEPTH):
             if member not in raw:
                 raise CorruptMember(f"missing member {member}", where)
-        rgb_bytes = raw.get("rgb.jpg", raw.get("rgb.png"))
+        rgb_bytes = raw.get(schema.MEMBER_RGB_JPG, raw.get(schema.MEMBER_RGB_PNG))
         if rgb_bytes is None:
             raise CorruptMember("missing member rgb", where)
         try:
-            meta = json.loads(raw["json"])
-            index = int(meta["index"])
+            meta = json.loads(raw[schema.MEMBER_META])
+            index = int(meta[schema.INDEX])
         except Exception as exc:  # noqa: BLE001 - any malformed json is a corrupt sample
             raise CorruptMember("bad json", where, repr(exc)[:200]) from None
         if not 0 <= index < self.sizes[shard]:
@@ -233,8 +233,8 @@ class SampleDecoder:
         parts = {}
         for name, fn, data in (
             ("rgb", decode_rgb, rgb_bytes),
-            ("depth", decode_depth, raw["depth.png"]),
-            ("gt", decode_gray, raw.get("gt.png") if self.read_gt else None),
+            ("depth", decode_depth, raw[schema.MEMBER_DEPTH]),
+            ("gt", decode_gray, raw.get(schema.MEMBER_GT) if self.read_gt else None),
         ):
             if data is None:
                 continue
@@ -242,8 +242,8 @@ class SampleDecoder:
                 parts[name] = fn(data)
             except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad data
                 raise CorruptMember(f"undecodable {name}", where, repr(exc)[:200]) from None
-        hw = parts["rgb"].shape[:2]
-        if parts["depth"].shape != hw or ("gt" in parts and parts["gt"].shape != hw):
+        hw = parts[schema.RGB].shape[:2]
+        if parts[schema.DEPTH].shape != hw or (schema.GT in parts and parts[schema.GT].shape != hw):
             raise CorruptMember("size mismatch", where)
         # per-sample orientation (packer's decision); older corpora: the corpus-level one
         convention = meta.get("depth_convention", self.corpus.depth_convention)
@@ -252,16 +252,16 @@ class SampleDecoder:
         label = self.store.read(shard, index) if self.store is not None else None
         has_text = self.corpus.has_text
         return {
-            "rgb": parts["rgb"],
-            "depth": normalize_depth_u16(parts["depth"], convention),
-            "gt": parts.get("gt"),
-            "label": label,
+            schema.RGB: parts[schema.RGB],
+            schema.DEPTH: normalize_depth_u16(parts[schema.DEPTH], convention),
+            schema.GT: parts.get(schema.GT),
+            schema.LABEL: label,
             schema.SHARD: shard,
             schema.INDEX: index,
             schema.KEY: key,
-            schema.CAPTION: str(meta.get("caption", "")) if has_text else "",
-            schema.WORD: word_class(self.word_to_class, meta.get("word")) if has_text else 0,
-            schema.WORD_POS: int(meta.get("word_pos", 0) or 0) if has_text else 0,
+            schema.CAPTION: str(meta.get(schema.CAPTION, "")) if has_text else "",
+            schema.WORD: word_class(self.word_to_class, meta.get(schema.WORD)) if has_text else 0,
+            schema.WORD_POS: int(meta.get(schema.WORD_POS, 0) or 0) if has_text else 0,
         }
 
 
@@ -294,7 +294,7 @@ def load_rgb_file(path: str | Path) -> tuple[np.ndarray, bytes | None]:
 
 
 def load_gray_file(path: str | Path, what: str = "gt") -> np.ndarray:
-    """Ground-truth mask file -> uint8 (H, W), 0..255 (:mod:`jsm_dist.masks`: 0/1, 16-bit
+    """Ground-truth mask file -> uint8 (H, W), 0..255 (:mod:`jsm_dist.data.masks`: 0/1, 16-bit
     and palette masks are scaled to 0..255; an ambiguous palette mask is a BadInput)."""
     im = _open_fully(Path(path), what)
     try:

@@ -58,37 +58,10 @@ from jsm_dist.data import sources
 from jsm_dist.data.corpus import Corpus
 from jsm_dist.data.orientation import OrientationTally
 from jsm_dist.data.shard_writer import (
-    encode_meta,
-    encode_sample,
     finalize_corpus,
-    initial_labels,
-    label_inputs,
     pack_task,
-    saliency_u8,
-    sample_key,
-    write_tar,
 )
 from jsm_dist.settings import above, add_arguments, at_least, check_fields, setting, within
-
-# Encoding, tar writing, the pool task and corpus finalisation live in shard_writer; they
-# are re-exported here, where callers (tests/helpers.py, benchmarks) import them from.
-__all__ = [
-    "PackConfig",
-    "PackResult",
-    "build_parser",
-    "encode_meta",
-    "encode_sample",
-    "finalize_corpus",
-    "initial_labels",
-    "label_inputs",
-    "main",
-    "pack",
-    "pack_records",
-    "saliency_u8",
-    "sample_key",
-    "split_records",
-    "write_tar",
-]
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Shard writing for :mod:`jsm_dist.data.pack`: samples in, a corpus on disk out.
 
 Holds the encoding of one sample into WebDataset members (``encode_sample``,
-``encode_meta``, ``sample_key``), deterministic tar writing (``write_tar``), the
+``encode_meta``; keys come from ``schema.sample_key``), deterministic tar writing (``write_tar``), the
 handcrafted generation-0 labels at the store resolution (``label_inputs``,
 ``saliency_u8``, ``initial_labels``), the pool task that turns one list of records into
 shard tar(s) plus label files (``pack_task``, validating each sample and deciding its
@@ -16,72 +16,44 @@ import hashlib
 import io
 import json
 import os
-import re
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
-from jsm_dist import dist
+from jsm_dist import dist, schema
 from jsm_dist.data import decode, orientation, sources
 from jsm_dist.data.corpus import Corpus, ShardInfo
 from jsm_dist.data.decode import BadInput
+from jsm_dist.data.initial import initial_saliency
 from jsm_dist.data.vocab import find_word
-
-if TYPE_CHECKING:
-    from jsm_dist.data.pack import PackConfig
+from jsm_dist.labels import LabelStore
 
 
 # ---- encoding and tar writing (shared with tests/helpers.py) ---------------------------
-# A plain key: ASCII letters, digits and "_", in runs joined by single "-"s.
-PLAIN_KEY = re.compile(r"[A-Za-z0-9_]+(?:-[A-Za-z0-9_]+)*")
-MAX_PLAIN_KEY = 100  # longer names are shortened (a key is part of file names: <key>.png)
-KEY_PREFIX = 48  # readable part of an encoded key
-KEY_HASH = 12  # hex digits of SHA-256 in an encoded key (48 bits)
-
-
-def sample_key(name: str) -> str:
-    """The WebDataset key of a sample name (file stem): unique, stable and safe.
-
-    WebDataset splits a member name ``<key>.<ext>`` at the first dot of its file name and
-    reads a slash as a folder, so a key holds neither; it also ends up in file names
-    (``jsm-labels export`` writes ``<key>.png``), so it is short and plain ASCII. A name
-    that is already such a plain key (``PLAIN_KEY``, at most 100 characters) is its own key;
-    any other name becomes ``<readable prefix>--<12 hex of SHA-256(name)>``: the prefix is
-    the name with every run of other characters replaced by ``_`` (cut to 48; ``name`` when
-    nothing readable is left). Plain keys never contain ``--``, so an encoded key never
-    equals a plain one, and the hash of the full name keeps encoded keys apart ("a b" and
-    "a_b", or any two CJK names). The original name stays in the sample's json ``name``.
-    """
-    name = str(name)
-    if len(name) <= MAX_PLAIN_KEY and PLAIN_KEY.fullmatch(name):
-        return name
-    prefix = re.sub(r"[^A-Za-z0-9_]+", "_", name).strip("_")[:KEY_PREFIX].strip("_") or "name"
-    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:KEY_HASH]
-    return f"{prefix}--{digest}"
-
-
 def encode_sample(raw: dict, *, rgb_format: str = "jpg", quality: int = 90) -> dict:
     """Raw sample -> {member extension: bytes} plus ``__key__`` (``json`` added by
     :func:`encode_meta` once the sample's index in its shard is known)."""
     if rgb_format == "jpg":
-        rgb_member = ("rgb.jpg", raw.get("rgb_jpeg") or decode.encode_jpeg(raw["rgb"], quality))
+        rgb_member = (
+            schema.MEMBER_RGB_JPG,
+            raw.get("rgb_jpeg") or decode.encode_jpeg(raw[schema.RGB], quality),
+        )
     else:
-        rgb_member = ("rgb.png", decode.encode_png(raw["rgb"]))
-    members = {"__key__": raw["key"], rgb_member[0]: rgb_member[1]}
-    members["depth.png"] = decode.encode_png(raw["depth"])
-    if raw.get("gt") is not None:
-        members["gt.png"] = decode.encode_png(raw["gt"])
+        rgb_member = (schema.MEMBER_RGB_PNG, decode.encode_png(raw[schema.RGB]))
+    members = {"__key__": raw[schema.KEY], rgb_member[0]: rgb_member[1]}
+    members[schema.MEMBER_DEPTH] = decode.encode_png(raw[schema.DEPTH])
+    if raw.get(schema.GT) is not None:
+        members[schema.MEMBER_GT] = decode.encode_png(raw[schema.GT])
     return members
 
 
 def encode_meta(meta: dict, index: int) -> bytes:
     """The ``json`` member: SampleMeta with the sample's ``index`` in its shard."""
     meta = {k: v for k, v in meta.items() if k != "shard"}
-    meta["index"] = int(index)
+    meta[schema.INDEX] = int(index)
     return json.dumps(meta, ensure_ascii=False, sort_keys=True).encode()
 
 
@@ -111,7 +83,6 @@ def label_inputs(rgb: np.ndarray, depth: np.ndarray, convention: str, size: int)
 
 def saliency_u8(rgbs: list[np.ndarray], depths: list[np.ndarray], size: int) -> np.ndarray:
     """initial_saliency on label_inputs() outputs -> uint8 (n, size, size)."""
-    from jsm_dist.data.initial import initial_saliency
 
     if not rgbs:
         return np.zeros((0, size, size), np.uint8)
@@ -134,13 +105,13 @@ def initial_labels(
 
 
 # ---- one task: records -> one (or more, if size-bounded) shard tars --------------------
-def _prepare(cfg: PackConfig, raw: dict, has_text: bool) -> dict:
+def _prepare(cfg, raw: dict, has_text: bool) -> dict:  # cfg: the run's pack.PackConfig
     """Validate a loaded raw sample in place (sizes, depth, caption/word); apply --resize."""
-    depth = decode.to_storable_depth(raw["depth"])
-    rgb = np.asarray(raw["rgb"])
+    depth = decode.to_storable_depth(raw[schema.DEPTH])
+    rgb = np.asarray(raw[schema.RGB])
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise BadInput(f"rgb must be uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}")
-    gt = raw.get("gt")
+    gt = raw.get(schema.GT)
     decode.check_sizes(rgb, depth, gt)
     if cfg.resize:
         s = (cfg.resize, cfg.resize)
@@ -150,31 +121,31 @@ def _prepare(cfg: PackConfig, raw: dict, has_text: bool) -> dict:
         raw["rgb_jpeg"] = None
     meta = dict(raw["meta"])
     if has_text:
-        caption, word = str(meta.get("caption") or ""), str(meta.get("word") or "")
+        caption, word = str(meta.get(schema.CAPTION) or ""), str(meta.get(schema.WORD) or "")
         if not caption.strip():
             raise BadInput("empty caption")
         if not word.strip():
             raise BadInput("no salient word")
-        pos = find_word(caption, word, meta.get("word_pos"))
+        pos = find_word(caption, word, meta.get(schema.WORD_POS))
         if pos is None:
             raise BadInput(f"caption without its salient word {word!r}: {caption!r}")
-        meta["word_pos"] = pos
+        meta[schema.WORD_POS] = pos
     else:
         meta.update(caption="", word="", word_pos=0)
-    return {**raw, "rgb": rgb, "depth": depth, "gt": gt, "meta": meta}
+    return {**raw, schema.RGB: rgb, schema.DEPTH: depth, schema.GT: gt, "meta": meta}
 
 
 def _orient(mode: str, sample: dict, tally: orientation.OrientationTally) -> str:
     """Decide (or take) the sample's depth orientation, record it in its meta (the json
     member) and in ``tally``, with the ground truth's opinion where there is one."""
-    convention, found = orientation.decide(mode, sample["rgb"], sample["depth"])
+    convention, found = orientation.decide(mode, sample[schema.RGB], sample[schema.DEPTH])
     meta = sample["meta"]
     meta["depth_convention"] = convention
     if found is not None:
         meta["depth_orientation"] = found.to_meta()
-    gt = sample.get("gt")
-    gt_said = orientation.gt_implied(sample["depth"], gt) if gt is not None else None
-    tally.add(str(meta.get("name") or sample["key"]), convention, found, gt_said)
+    gt = sample.get(schema.GT)
+    gt_said = orientation.gt_implied(sample[schema.DEPTH], gt) if gt is not None else None
+    tally.add(str(meta.get("name") or sample[schema.KEY]), convention, found, gt_said)
     return convention
 
 
@@ -207,7 +178,7 @@ def pack_task(args: tuple) -> dict:
                 "bytes": nbytes,
                 "keys": keys,
                 "sizes": sorted(cur["sizes"]),
-                "has_gt": cur["all_gt"],
+                schema.HAS_GT: cur["all_gt"],
             }
         )
         reset()
@@ -227,14 +198,16 @@ def pack_task(args: tuple) -> dict:
         size = sum(len(v) + 1536 for k, v in members.items() if k != "__key__")
         if cur["samples"] and cur["bytes"] + size > max_bytes:
             close_part()  # size bound: this sample starts the next shard
-        members["json"] = encode_meta(sample["meta"], len(cur["samples"]))
+        members[schema.MEMBER_META] = encode_meta(sample["meta"], len(cur["samples"]))
         cur["samples"].append(members)
-        rgb_s, dep_s = label_inputs(sample["rgb"], sample["depth"], convention, label_size)
+        rgb_s, dep_s = label_inputs(
+            sample[schema.RGB], sample[schema.DEPTH], convention, label_size
+        )
         cur["rgbs"].append(rgb_s)  # only label-size copies are kept until the shard closes
         cur["depths"].append(dep_s)
         cur["bytes"] += size
-        cur["sizes"].add(tuple(sample["rgb"].shape[:2]))
-        cur["all_gt"] &= sample.get("gt") is not None
+        cur["sizes"].add(tuple(sample[schema.RGB].shape[:2]))
+        cur["all_gt"] &= sample.get(schema.GT) is not None
     close_part()
     return {
         "task": task_id,
@@ -265,7 +238,6 @@ def finalize_corpus(
     or a .npy path), ``count``, ``sha256``, ``bytes``, ``keys``, ``sizes`` (image (H, W)s
     seen) and ``has_gt``. ``depth_orientation``: the pack run's OrientationTally as a dict.
     """
-    from jsm_dist.labels import LabelStore
 
     shards = []
     for i, part in enumerate(parts):
@@ -283,7 +255,7 @@ def finalize_corpus(
         label_size=(label_size, label_size),
         image_size=next(iter(sizes)) if len(sizes) == 1 else None,
         depth_convention=depth_convention,
-        has_gt=all(p.get("has_gt", True) for p in parts),
+        has_gt=all(p.get(schema.HAS_GT, True) for p in parts),
         has_text=has_text,
         bad_samples=bad,
         depth_orientation=depth_orientation or {},

@@ -3,8 +3,8 @@
 A *record* is a small picklable dict (paths + caption fields, or a synthetic index) made by
 the parent process; a *raw sample* is what a pool worker loads from it::
 
-    {"key": str, "rgb": uint8 (H,W,3), "rgb_jpeg": bytes | None (original JPEG file),
-     "depth": raw depth array, "gt": uint8 (H,W) | None, "meta": SampleMeta}
+    {schema.KEY: str, schema.RGB: uint8 (H,W,3), "rgb_jpeg": bytes | None (original JPEG file),
+     schema.DEPTH: raw depth array, schema.GT: uint8 (H,W) | None, "meta": SampleMeta}
 
 Problems found while scanning (an RGB without depth, a CSV row without an image, ...) give
 records with a ``bad`` reason; problems found while loading are yielded as BadInput.
@@ -25,7 +25,8 @@ import io
 from collections.abc import Iterator
 from pathlib import Path
 
-from jsm_dist.data import decode
+from jsm_dist import schema
+from jsm_dist.data import decode, synth
 from jsm_dist.data.decode import BadInput
 from jsm_dist.data.vocab import build_vocab
 
@@ -91,7 +92,6 @@ def _position(text: str) -> int | None:
 
 
 def _folder_records(cfg, with_text: bool) -> tuple[list[dict], list[str]]:
-    from jsm_dist.data.shard_writer import sample_key
 
     root = Path(cfg.input)
     if not root.is_dir():
@@ -126,7 +126,7 @@ def _folder_records(cfg, with_text: bool) -> tuple[list[dict], list[str]]:
     seen_keys: dict[str, str] = {}
     for stem, rgb_path in rgbs.items():
         rel = str(rgb_path.relative_to(root))
-        key = sample_key(stem)
+        key = schema.sample_key(stem)
         if key in seen_keys:  # only a 48-bit hash collision can get here
             records.append(
                 {"source": rel, "bad": f"key {key!r} already used by {seen_keys[key]!r}"}
@@ -158,10 +158,10 @@ def _folder_records(cfg, with_text: bool) -> tuple[list[dict], list[str]]:
             {
                 "kind": "folder",
                 "source": rel,
-                "key": key,
-                "rgb": str(rgb_path),
-                "depth": str(depths[stem]),
-                "gt": str(gt) if gt else None,
+                schema.KEY: key,
+                schema.RGB: str(rgb_path),
+                schema.DEPTH: str(depths[stem]),
+                schema.GT: str(gt) if gt else None,
                 "meta": meta,
             }
         )
@@ -171,8 +171,6 @@ def _folder_records(cfg, with_text: bool) -> tuple[list[dict], list[str]]:
 def scan(cfg) -> tuple[list[dict], list[str], bool]:
     """-> (records, vocabulary, has_text) for ``cfg.source``."""
     if cfg.source == "synth":
-        from jsm_dist.data import synth
-
         records = [
             {"kind": "synth", "i": i, "source": f"synth:{i}"} for i in range(cfg.num_samples)
         ]
@@ -193,7 +191,7 @@ def auto_label_size(cfg, records: list[dict], cap: int = 256) -> int:
                 try:
                     from PIL import Image
 
-                    with Image.open(r["rgb"]) as im:
+                    with Image.open(r[schema.RGB]) as im:
                         side = max(im.size)
                     break
                 except (OSError, ValueError):  # unreadable: the worker will report it
@@ -217,9 +215,6 @@ def load_records(cfg, records: list[dict]) -> Iterator[tuple[dict, dict | BadInp
     """Yield (record, raw sample or BadInput) for every record, in order."""
     synth_recs = [r for r in records if r.get("kind") == "synth"]
     if synth_recs:
-        from jsm_dist.data import synth
-        from jsm_dist.data.shard_writer import sample_key
-
         scfg = synth.SynthConfig(
             num_samples=cfg.num_samples, image_size=cfg.image_size, seed=cfg.seed
         )
@@ -229,11 +224,11 @@ def load_records(cfg, records: list[dict]) -> Iterator[tuple[dict, dict | BadInp
                 yield (
                     rec,
                     {
-                        "key": sample_key(s["key"]),
-                        "rgb": s["rgb"],
+                        schema.KEY: schema.sample_key(s[schema.KEY]),
+                        schema.RGB: s[schema.RGB],
                         "rgb_jpeg": None,
-                        "depth": s["depth"],
-                        "gt": s.get("gt"),
+                        schema.DEPTH: s[schema.DEPTH],
+                        schema.GT: s.get(schema.GT),
                         "meta": meta,
                     },
                 )
@@ -241,17 +236,17 @@ def load_records(cfg, records: list[dict]) -> Iterator[tuple[dict, dict | BadInp
         if rec.get("kind") != "folder":
             continue
         try:
-            rgb, jpeg = decode.load_rgb_file(rec["rgb"])
-            depth = decode.load_depth_file(rec["depth"])
-            gt = decode.load_gray_file(rec["gt"]) if rec["gt"] else None
+            rgb, jpeg = decode.load_rgb_file(rec[schema.RGB])
+            depth = decode.load_depth_file(rec[schema.DEPTH])
+            gt = decode.load_gray_file(rec[schema.GT]) if rec[schema.GT] else None
             yield (
                 rec,
                 {
-                    "key": rec["key"],
-                    "rgb": rgb,
+                    schema.KEY: rec[schema.KEY],
+                    schema.RGB: rgb,
                     "rgb_jpeg": jpeg,
-                    "depth": depth,
-                    "gt": gt,
+                    schema.DEPTH: depth,
+                    schema.GT: gt,
                     "meta": dict(rec["meta"]),
                 },
             )

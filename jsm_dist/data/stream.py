@@ -94,6 +94,7 @@ from jsm_dist.data.batching import (
     rows,
 )
 from jsm_dist.data.corpus import Corpus
+from jsm_dist.labels import LabelStore
 from jsm_dist.settings import above, at_least, check_fields, setting
 
 log = logging.getLogger(__name__)
@@ -214,7 +215,7 @@ class _ShardStream(IterableDataset):
         base = dist.derive_seed(self.seed, self.rank, worker, self.epoch)
         order = list(shards)
         if self.train:
-            random.Random(dist.derive_seed(base, 2, pass_idx)).shuffle(order)
+            random.Random(dist.derive_seed(base, schema.SEED_SHARD_ORDER, pass_idx)).shuffle(order)
         paths, infos = self.corpus.shard_paths, self.corpus.shards
         items = [
             {"url": paths[s], "file": infos[s].file, "bytes": infos[s].bytes,
@@ -232,7 +233,7 @@ class _ShardStream(IterableDataset):
             wds.shuffle(
                 cfg.shuffle_buffer,
                 initial=cfg.shuffle_buffer,
-                rng=random.Random(dist.derive_seed(base, 0, pass_idx)),
+                rng=random.Random(dist.derive_seed(base, schema.SEED_SHUFFLE, pass_idx)),
             )
             if shuffling
             else None,
@@ -277,7 +278,7 @@ class _ShardStream(IterableDataset):
 
         self._opener = shard_open.ShardOpener(remote.FetchPolicy.from_config(cfg), retried)
         base = dist.derive_seed(self.seed, self.rank, worker, self.epoch)
-        aug_rng = np.random.default_rng(dist.derive_seed(base, 1))
+        aug_rng = np.random.default_rng(dist.derive_seed(base, schema.SEED_AUGMENT))
         augmenting = self.train and cfg.augment
         jitter = augmenting and cfg.color_jitter
         out_hw = (cfg.train_size, cfg.train_size)
@@ -318,7 +319,7 @@ class _ShardStream(IterableDataset):
                     del sample_rows[schema.GT]
                 fill(sample, sample_rows)
                 meta = {k: sample[k] for k in _META_KEYS}
-                meta["gt"] = True if sample.get("gt") is not None else None  # for has_gt
+                meta[schema.GT] = True if sample.get(schema.GT) is not None else None  # for has_gt
                 metas.append(meta)
             if not metas:  # eval: no sample left
                 if slot is not None:
@@ -479,7 +480,6 @@ class StreamLoader:
 def _open_store(corpus: Corpus, cfg: DataConfig):
     if not cfg.read_labels:
         return None
-    from jsm_dist.labels import LabelStore
 
     store = LabelStore.open(corpus.label_dir)
     if list(store.shard_sizes) != corpus.shard_sizes:

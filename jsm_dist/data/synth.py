@@ -40,15 +40,15 @@ import csv
 import logging
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
+from jsm_dist import schema
 from jsm_dist.data.synth_captions import MAX_CAPTION_WORDS, caption_of
-from jsm_dist.data.synth_scene import draw_room, layout_objects, sensor_depth
+from jsm_dist.data.synth_scene import SynthConfig, draw_room, layout_objects, sensor_depth
 from jsm_dist.data.synth_shapes import (
     COLOURS,
     FAMILY,
@@ -84,77 +84,6 @@ log = logging.getLogger(__name__)
 CSV_COLUMNS = (
     *("Index", "Image", "Caption", "Semantic", "Position", "SubCategory", "Category", "Source"),
 )
-
-
-@dataclass
-class SynthConfig:
-    """Settings of the synthetic corpus. Radii are fractions of the image side."""
-
-    num_samples: int  # number of scenes (indices 0 .. num_samples-1)
-    image_size: int = 128  # square images, pixels
-    seed: int = 0  # corpus seed: scene i depends only on (seed, i)
-    min_distractors: int = 0  # distractor objects per scene, inclusive range
-    max_distractors: int = 3
-    salient_radius: tuple[float, float] = (0.14, 0.24)
-    distractor_radius: tuple[float, float] = (0.07, 0.15)
-    front_distractor_prob: float = 0.2  # a distractor is nearer than the salient object
-    similar_depth_prob: float = 0.3  # ... or at about the same depth (else behind it)
-    camouflage_prob: float = 0.3  # room tinted like the salient object + a loud distractor
-    window_prob: float = 0.3  # a bright window on the wall (contrast without an object)
-    depth_noise: float = 0.008  # std of Gaussian disparity noise (disparity in [0, 1])
-    depth_levels: int = 256  # disparity quantisation steps over [0, 1]
-    max_depth_shift: int = 2  # RGB/depth misalignment, pixels
-    edge_hole_prob: float = 0.7  # holes along depth discontinuities
-    blob_hole_prob: float = 0.5  # 1-3 random hole blobs
-    border_hole_prob: float = 0.4  # a missing band at the left border
-    dark_hole_prob: float = 0.6  # black objects return no depth (IR absorption)
-    dropout: float = 0.003  # fraction of isolated missing pixels
-    name_prefix: str = "synth"  # sample names: f"{prefix}_s{seed}_{i:07d}"
-
-    def __post_init__(self) -> None:
-        if self.num_samples < 0:
-            raise ValueError(f"num_samples must be >= 0, got {self.num_samples}")
-        if self.image_size < 32:
-            raise ValueError(f"image_size must be >= 32, got {self.image_size}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
-        if not 0 <= self.min_distractors <= self.max_distractors <= len(VOCAB) - 1:
-            raise ValueError(
-                f"need 0 <= min_distractors <= max_distractors <= {len(VOCAB) - 1}, got "
-                f"{self.min_distractors}, {self.max_distractors}"
-            )
-        for name in ("salient_radius", "distractor_radius"):
-            lo, hi = getattr(self, name)
-            if not 0.02 <= lo <= hi <= 0.3:
-                raise ValueError(f"{name} must satisfy 0.02 <= lo <= hi <= 0.3, got {(lo, hi)}")
-        probs = "front_distractor_prob similar_depth_prob camouflage_prob window_prob"
-        for name in (
-            probs + " edge_hole_prob blob_hole_prob border_hole_prob dark_hole_prob"
-        ).split():
-            p = getattr(self, name)
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
-        if self.front_distractor_prob + self.similar_depth_prob > 1.0:
-            raise ValueError(
-                "front_distractor_prob + similar_depth_prob must be <= 1, got "
-                f"{self.front_distractor_prob + self.similar_depth_prob}"
-            )
-        if not 0.0 <= self.depth_noise <= 0.2:
-            raise ValueError(f"depth_noise must be in [0, 0.2], got {self.depth_noise}")
-        if not 2 <= self.depth_levels <= 65535:
-            raise ValueError(f"depth_levels must be in [2, 65535], got {self.depth_levels}")
-        if not 0 <= self.max_depth_shift <= self.image_size // 8:
-            raise ValueError(
-                f"max_depth_shift must be in [0, image_size//8], got {self.max_depth_shift}"
-            )
-        if not 0.0 <= self.dropout <= 0.2:
-            raise ValueError(f"dropout must be in [0, 0.2], got {self.dropout}")
-        if not self.name_prefix or not self.name_prefix.replace("_", "").isalnum():
-            raise ValueError(
-                f"name_prefix must be alphanumeric/underscore, got {self.name_prefix!r}"
-            )
-        self.salient_radius = tuple(self.salient_radius)
-        self.distractor_radius = tuple(self.distractor_radius)
 
 
 # ---- public API -------------------------------------------------------------------------
@@ -206,12 +135,12 @@ def render(cfg: SynthConfig, index: int) -> tuple[dict[str, Any], dict[str, Any]
         subcategory=objs[0].word,
         source="synthetic",
     )
-    sample = {"key": name, "rgb": rgb8, "depth": depth, "gt": gt, "meta": meta}
+    sample = {schema.KEY: name, schema.RGB: rgb8, schema.DEPTH: depth, schema.GT: gt, "meta": meta}
     info = {
         "objects": [vars(o).copy() for o in objs],
         "camouflage": camouflage,
         "clean_near": near,
-        "label": label,
+        schema.LABEL: label,
     }
     return sample, info
 
@@ -233,12 +162,12 @@ def _write_range(args: tuple[SynthConfig, str, int, int, int]) -> list[list]:
     root = Path(out)
     rows = []
     for i, smp in zip(range(start, stop), generate(cfg, start, stop)):
-        name, meta = smp["key"], smp["meta"]
-        Image.fromarray(smp["rgb"]).save(root / "RGB" / f"{name}.jpg", quality=quality)
-        cv2.imwrite(str(root / "depth" / f"{name}.png"), smp["depth"])  # 16-bit PNG
-        Image.fromarray(smp["gt"]).save(root / "GT" / f"{name}.png")
+        name, meta = smp[schema.KEY], smp["meta"]
+        Image.fromarray(smp[schema.RGB]).save(root / "RGB" / f"{name}.jpg", quality=quality)
+        cv2.imwrite(str(root / "depth" / f"{name}.png"), smp[schema.DEPTH])  # 16-bit PNG
+        Image.fromarray(smp[schema.GT]).save(root / "GT" / f"{name}.png")
         rows.append(
-            [i, f"{name}.jpg", meta["caption"], meta["word"], meta["word_pos"]]
+            [i, f"{name}.jpg", meta[schema.CAPTION], meta[schema.WORD], meta[schema.WORD_POS]]
             + [meta["subcategory"], meta["category"], meta["source"]]
         )
     return rows

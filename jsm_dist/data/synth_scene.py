@@ -10,15 +10,83 @@ these in a fixed order, which fixes each scene's random-number stream.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
 from jsm_dist.data.synth_shapes import BOTTOM, COLOURS, PALETTE, PATTERNS, VOCAB, SceneObject
 
-if TYPE_CHECKING:
-    from jsm_dist.data.synth import SynthConfig
+
+@dataclass
+class SynthConfig:
+    """Settings of the synthetic corpus. Radii are fractions of the image side."""
+
+    num_samples: int  # number of scenes (indices 0 .. num_samples-1)
+    image_size: int = 128  # square images, pixels
+    seed: int = 0  # corpus seed: scene i depends only on (seed, i)
+    min_distractors: int = 0  # distractor objects per scene, inclusive range
+    max_distractors: int = 3
+    salient_radius: tuple[float, float] = (0.14, 0.24)
+    distractor_radius: tuple[float, float] = (0.07, 0.15)
+    front_distractor_prob: float = 0.2  # a distractor is nearer than the salient object
+    similar_depth_prob: float = 0.3  # ... or at about the same depth (else behind it)
+    camouflage_prob: float = 0.3  # room tinted like the salient object + a loud distractor
+    window_prob: float = 0.3  # a bright window on the wall (contrast without an object)
+    depth_noise: float = 0.008  # std of Gaussian disparity noise (disparity in [0, 1])
+    depth_levels: int = 256  # disparity quantisation steps over [0, 1]
+    max_depth_shift: int = 2  # RGB/depth misalignment, pixels
+    edge_hole_prob: float = 0.7  # holes along depth discontinuities
+    blob_hole_prob: float = 0.5  # 1-3 random hole blobs
+    border_hole_prob: float = 0.4  # a missing band at the left border
+    dark_hole_prob: float = 0.6  # black objects return no depth (IR absorption)
+    dropout: float = 0.003  # fraction of isolated missing pixels
+    name_prefix: str = "synth"  # sample names: f"{prefix}_s{seed}_{i:07d}"
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 0:
+            raise ValueError(f"num_samples must be >= 0, got {self.num_samples}")
+        if self.image_size < 32:
+            raise ValueError(f"image_size must be >= 32, got {self.image_size}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if not 0 <= self.min_distractors <= self.max_distractors <= len(VOCAB) - 1:
+            raise ValueError(
+                f"need 0 <= min_distractors <= max_distractors <= {len(VOCAB) - 1}, got "
+                f"{self.min_distractors}, {self.max_distractors}"
+            )
+        for name in ("salient_radius", "distractor_radius"):
+            lo, hi = getattr(self, name)
+            if not 0.02 <= lo <= hi <= 0.3:
+                raise ValueError(f"{name} must satisfy 0.02 <= lo <= hi <= 0.3, got {(lo, hi)}")
+        probs = "front_distractor_prob similar_depth_prob camouflage_prob window_prob"
+        for name in (
+            probs + " edge_hole_prob blob_hole_prob border_hole_prob dark_hole_prob"
+        ).split():
+            p = getattr(self, name)
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
+        if self.front_distractor_prob + self.similar_depth_prob > 1.0:
+            raise ValueError(
+                "front_distractor_prob + similar_depth_prob must be <= 1, got "
+                f"{self.front_distractor_prob + self.similar_depth_prob}"
+            )
+        if not 0.0 <= self.depth_noise <= 0.2:
+            raise ValueError(f"depth_noise must be in [0, 0.2], got {self.depth_noise}")
+        if not 2 <= self.depth_levels <= 65535:
+            raise ValueError(f"depth_levels must be in [2, 65535], got {self.depth_levels}")
+        if not 0 <= self.max_depth_shift <= self.image_size // 8:
+            raise ValueError(
+                f"max_depth_shift must be in [0, image_size//8], got {self.max_depth_shift}"
+            )
+        if not 0.0 <= self.dropout <= 0.2:
+            raise ValueError(f"dropout must be in [0, 0.2], got {self.dropout}")
+        if not self.name_prefix or not self.name_prefix.replace("_", "").isalnum():
+            raise ValueError(
+                f"name_prefix must be alphanumeric/underscore, got {self.name_prefix!r}"
+            )
+        self.salient_radius = tuple(self.salient_radius)
+        self.distractor_radius = tuple(self.distractor_radius)
 
 
 # ---- background ---------------------------------------------------------------------

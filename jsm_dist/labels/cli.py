@@ -12,6 +12,10 @@ import logging
 import sys
 from pathlib import Path
 
+from jsm_dist.labels.manifest import LabelStoreError
+from jsm_dist.labels.store import LabelStore
+from jsm_dist.labels.tools import diff, export, fsck, store_dir
+
 log = logging.getLogger("jsm_dist.labels")
 
 
@@ -87,8 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _open(path: Path):
-    from jsm_dist.labels.store import LabelStore
-    from jsm_dist.labels.tools import store_dir
 
     return LabelStore.open(store_dir(path))
 
@@ -141,7 +143,6 @@ def _info(store, as_json: bool) -> int:
 
 
 def _diff(store, args, progress) -> int:
-    from jsm_dist.labels.tools import diff
 
     rows, s = diff(
         store, args.a, args.b, gt_dir=args.gt_dir, use_gt=not args.no_gt, progress=progress
@@ -178,8 +179,6 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     progress = {"auto": None, "on": True, "off": False}[args.progress]
-    from jsm_dist.labels.manifest import LabelStoreError
-    from jsm_dist.labels.tools import export, fsck
 
     try:
         store = _open(args.store)

@@ -23,6 +23,7 @@ from jsm_dist.labels.manifest import (
     IncompleteGenerationError,
     LabelStoreError,
 )
+from jsm_dist.labels.writer import GenerationWriter, verify_generation
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +350,6 @@ class LabelStore:
         (``dist.owner_of_shard``): partial files of those shards from a crashed attempt are
         discarded, so nothing stale can reach a commit.
         """
-        from jsm_dist.labels.writer import GenerationWriter
 
         self.refresh()
         if generation != self.generation + 1:
@@ -409,7 +409,6 @@ class LabelStore:
     def verify_generation(self, generation: int, verify_checksums: bool = False) -> list[dict]:
         """Check every shard of an uncommitted ``generation`` (what rank 0 does at commit);
         return the manifest's shard entries or raise IncompleteGenerationError."""
-        from jsm_dist.labels.writer import verify_generation
 
         return verify_generation(self, generation, verify_checksums)
 

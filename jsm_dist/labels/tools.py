@@ -10,6 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from jsm_dist import schema
+from jsm_dist.data.corpus import Corpus
+from jsm_dist.data.masks import read_mask
 from jsm_dist.labels import manifest as mf
 from jsm_dist.labels.store import LabelStore
 
@@ -35,8 +38,6 @@ def store_dir(path: str | Path) -> Path:
     if (path / mf.MANIFEST).is_file():
         return path
     if (path / "corpus.json").is_file():
-        from jsm_dist.data.corpus import Corpus
-
         return Corpus.load(path).label_dir
     if (path / "labels" / mf.MANIFEST).is_file():
         return path / "labels"
@@ -62,7 +63,6 @@ def corpus_link(corpus, store_root: Path, generation: int) -> dict:
 
 
 def _linked_corpus(store: LabelStore, link: dict):
-    from jsm_dist.data.corpus import Corpus
 
     for cand in (Path(link.get("root", "")), store.root.resolve() / link.get("relative", "")):
         if (cand / "corpus.json").is_file():
@@ -106,7 +106,6 @@ def corpus_of(store: LabelStore):
     links to (a training run's store, seeded from that corpus). Either way the store is
     checked against it (:func:`check_belongs`: shard sizes and sample keys).
     """
-    from jsm_dist.data.corpus import Corpus
 
     parent = store.root.resolve().parent
     corpus = None
@@ -167,10 +166,8 @@ def sample_keys(store: LabelStore, shard: int) -> list[str]:
 
 
 def _decode_gt(data: bytes, size: tuple[int, int], what: str = "gt") -> np.ndarray:
-    """A GT mask (any storage, :mod:`jsm_dist.masks`) at ``size`` (h, w), bilinear."""
+    """A GT mask (any storage, :mod:`jsm_dist.data.masks`) at ``size`` (h, w), bilinear."""
     from PIL import Image
-
-    from jsm_dist.masks import read_mask
 
     gt = read_mask(data, what)
     if gt.shape != tuple(size):
@@ -194,8 +191,8 @@ def load_gt(store: LabelStore, shard: int, gt_dir: Path | None) -> list[np.ndarr
     if corpus is None or not corpus.has_gt:
         return [None] * n
     out = [
-        _decode_gt(f["gt.png"], store.label_size) if "gt.png" in f else None
-        for _, f in iter_tar_samples(corpus.shard_paths[shard], want=("gt.png",))
+        _decode_gt(f[schema.MEMBER_GT], store.label_size) if schema.MEMBER_GT in f else None
+        for _, f in iter_tar_samples(corpus.shard_paths[shard], want=(schema.MEMBER_GT,))
     ]
     if len(out) != n:
         raise mf.CorruptStoreError(f"corpus shard {shard} has {len(out)} samples, store {n}")
@@ -392,9 +389,9 @@ def diff(
                 flip = (fa != fb).mean(axis=(1, 2))
                 for j, i in enumerate(idx):
                     row = {
-                        "shard": s,
-                        "index": i,
-                        "key": keys[i],
+                        schema.SHARD: s,
+                        schema.INDEX: i,
+                        schema.KEY: keys[i],
                         "mean_abs": float(d[j]),
                         "flip": float(flip[j]),
                         "fg_a": float(fa[j].mean()),

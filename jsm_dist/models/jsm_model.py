@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jsm_dist import jsm, schema
+from jsm_dist import crf, jsm, schema
 from jsm_dist.fileperm import file_mode
 from jsm_dist.models.config import ModelConfig
 from jsm_dist.models.saliency import CPDNet
@@ -157,12 +157,12 @@ class JSMModel(nn.Module):
 
     # ---- label update ----------------------------------------------------------------------
     @torch.no_grad()
-    def refine(self, batch: dict, text: TSM | None = None) -> dict[str, torch.Tensor]:
+    def refine(self, batch: dict, text: TSM | None = None) -> schema.RefineOutput:
         """New labels for an un-augmented batch (runs in eval mode, restores the mode after).
 
         Returns ``label`` (B, 1, H, W) in [0, 1], ``candidate`` = BNS ``L_d`` (B, 1, H, W),
         ``conf`` (B, 2) float32 = (w_g, w_d). ``text``: a text network to score the
-        candidates with instead of ``self.text`` (the fitted copy of ``jsm_dist.textfit``).
+        candidates with instead of ``self.text`` (the fitted copy of ``jsm_dist.refine.textfit``).
         """
         was_training = self.training
         scorer = text if text is not None else self.text
@@ -202,7 +202,11 @@ class JSMModel(nn.Module):
         l_d = jsm.bns_candidate(det, det_d)
         if self.cfg.mode == "full":
             conf = torch.tensor([[1.0, 0.0]], device=rgb.device).expand(b, 2)
-            return {"label": l_g.clamp(0, 1), "candidate": l_d, "conf": conf.float().contiguous()}
+            return {
+                schema.LABEL: l_g.clamp(0, 1),
+                "candidate": l_d,
+                "conf": conf.float().contiguous(),
+            }
         if text is not None:
             logits = text(feat, torch.stack([l_g, l_d]), self._text_batch(batch, rgb.device, text))
             word = batch[schema.WORD].to(rgb.device).long()
@@ -219,10 +223,10 @@ class JSMModel(nn.Module):
         label = jsm.jsm_update(l_g, l_d, conf)
         label = jsm.postprocess(label, self.cfg.post_sigmoid, self.cfg.post_minmax)
         if self.cfg.crf:
-            params = jsm.CRFParams(size=self.cfg.crf_size, iters=self.cfg.crf_iters)
-            label = jsm.dense_crf(label, rgb, params, workers=self.cfg.crf_workers)
+            params = crf.CRFParams(size=self.cfg.crf_size, iters=self.cfg.crf_iters)
+            label = crf.dense_crf(label, rgb, params, workers=self.cfg.crf_workers)
         label = label.clamp(0, 1)
-        out = {"label": label, "candidate": l_d, "conf": conf.float().contiguous()}
+        out = {schema.LABEL: label, "candidate": l_d, "conf": conf.float().contiguous()}
         if text is not None:
             # GT-free quality signal: how surely the text network names the salient word
             # from the region the NEW label selects (used to choose a generation to stop at)
@@ -262,7 +266,7 @@ class JSMModel(nn.Module):
 
     # ---- optimisation ----------------------------------------------------------------------
     def sub_networks(self) -> dict[str, nn.Module]:
-        nets = {"saliency": self.saliency, "depth": self.depth, "ssm": self.ssm}
+        nets = {"saliency": self.saliency, schema.DEPTH: self.depth, "ssm": self.ssm}
         if self.text is not None:
             nets["text"] = self.text
         return nets

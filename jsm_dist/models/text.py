@@ -15,7 +15,7 @@ predicting the salient word from ``GAP(feat * GT)``; chance 0.07): decoder-96 0.
 stride 8 0.35, stride 16 0.56, stride 32 0.31 (stride 16 at 128 px: 0.72). So the default
 ``"encoder"`` reads the (pretrained) encoder's stride-16 stage of the saliency network
 (attention branch), with the map area-averaged onto that grid; ``"decoder"`` keeps the
-reference. ``jsm_dist.bench.text_signal --text-feature`` compares both end to end.
+reference. ``benchmarks.text_signal --text-feature`` compares both end to end.
 
 Text models (``ModelConfig.text_model``):
 

@@ -13,7 +13,7 @@
 # different ports, named jsmnode1/jsmnode2 with NodeAddr=127.0.0.1. Debian's build lacks
 # --enable-multiple-slurmd, so each node needs its own NodeHostname (and "localhost" cannot be
 # a node name: Slurm replaces it with the real hostname). These names do not resolve in DNS;
-# jsm_dist.launcher then takes the rendezvous address from the node's NodeAddr.
+# jsm_dist.launching.cli then takes the rendezvous address from the node's NodeAddr.
 # Needs root (daemons run as SlurmUser=root; munged runs as the munge user).
 set -euo pipefail
 

@@ -1,6 +1,6 @@
 """Stand-in training module for launch tests (JSM_TRAIN_MODULE=tests/integration/dist_probe.py).
 
-Initialises accelerate the way jsm_dist.train does (jsm_dist.launcher.accelerator_kwargs +
+Initialises accelerate the way jsm_dist.train does (jsm_dist.dist.accelerator_kwargs +
 verify_world), all-reduces rank+1, optionally takes one DeepSpeed/DDP step on a tiny model,
 and writes ``$PROBE_OUT/rank<r>.json`` with what it saw. ``PROBE_HOLD_S`` keeps the first
 run (SLURM_RESTART_COUNT unset or 0) alive after writing ``started<r>`` so a test can signal
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from accelerate import Accelerator
 
-    from jsm_dist.launcher import accelerator_kwargs, verify_world
+    from jsm_dist.dist import accelerator_kwargs, verify_world
 
     argv = sys.argv[1:] if argv is None else argv
     out = Path(os.environ["PROBE_OUT"])

@@ -21,7 +21,7 @@ from helpers import all_ids, label_value, make_tiny_corpus
 from refine_stub import check_refined_generation, stub_weights
 
 from jsm_dist.labels import LabelStore
-from jsm_dist.launch_command import LaunchConfig, build_command, build_env, free_port
+from jsm_dist.launching.command import LaunchConfig, build_command, build_env, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +77,7 @@ def _rank_main(corpus_dir: str, out_dir: str) -> None:
 
     from jsm_dist import dist
     from jsm_dist.data.corpus import Corpus
-    from jsm_dist.refine import refine_labels
+    from jsm_dist.refine.refinement import refine_labels
 
     accelerator = dist.make_accelerator()  # gloo on CPU; fails when the world is not 2
     world = dist.world_info()

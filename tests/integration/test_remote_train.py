@@ -15,7 +15,7 @@ from helpers import make_tiny_corpus
 from shard_server import ShardServer
 
 from jsm_dist.labels import LabelStore
-from jsm_dist.launch_command import local_launch
+from jsm_dist.launching.command import local_launch
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Data-parallel text fitting (jsm_dist/textfit.py) under real processes: 2 gloo ranks fit
+"""Data-parallel text fitting (jsm_dist/refine/textfit.py) under real processes: 2 gloo ranks fit
 the same weights, the same fit as one process, on equal, uneven and one-sided shards.
 
 The ranks are tests/integration/textfit_probe.py run as a script: each builds the same tiny
@@ -78,7 +78,7 @@ def max_diff(a: dict, b: dict) -> float:
 
 def probe_log_probs(corpus, state: dict) -> torch.Tensor:
     """The fitted scorer's log-probabilities on every sample's cached features."""
-    from jsm_dist.textfit import collect_pooled
+    from jsm_dist.refine.textfit import collect_pooled
 
     model = tiny_model(corpus.vocab, 0.0)
     model.text.load_state_dict(state)

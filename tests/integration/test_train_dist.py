@@ -20,7 +20,7 @@ import pytest
 from helpers import TINY_TRAIN_ARGS, garble_member, label_value, make_tiny_corpus
 
 from jsm_dist.labels import LabelStore
-from jsm_dist.launcher import local_launch
+from jsm_dist.launching.command import local_launch
 from jsm_dist.models import load_model
 
 pytestmark = pytest.mark.slow

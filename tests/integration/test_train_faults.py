@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from helpers import TINY_TRAIN_ARGS, make_tiny_corpus
 
-from jsm_dist.launcher import free_port, local_launch
+from jsm_dist.launching.command import free_port, local_launch
 
 pytestmark = pytest.mark.slow
 
@@ -192,7 +192,7 @@ def test_launcher_refuses_a_missing_resume_dir_before_starting_ranks(corpus, tmp
     """Through the project's launcher (launch/train.sh): checked once, before any rank
     starts: one line, exit 2, no traceback at all."""
     missing = tmp_path / "run" / "checkpoints" / "step-00000042"
-    cmd = [sys.executable, "-m", "jsm_dist.launcher", "--procs-per-node", "2", "--port",
+    cmd = [sys.executable, "-m", "jsm_dist.launching.cli", "--procs-per-node", "2", "--port",
            str(free_port()), "--", *TINY_TRAIN_ARGS, "--corpus", str(corpus.root),
            "--out_dir", str(tmp_path / "run"), "--resume", str(missing)]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}

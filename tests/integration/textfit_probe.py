@@ -3,7 +3,7 @@
     python textfit_probe.py CORPUS OUT RANK WORLD PORT DROPOUT MODE
 
 Joins a gloo group of WORLD processes (none when WORLD is 1), builds the same seeded tiny
-model as every other rank, runs ``jsm_dist.textfit.fit_scorer`` and saves
+model as every other rank, runs ``jsm_dist.refine.textfit.fit_scorer`` and saves
 ``OUT/rank<RANK>.pt`` (fitted and initial text weights, stats, samples this rank owns).
 MODE "apart": rank 1 starts from other text weights (the fit must then fail on every rank,
 exit code 3). Ends with ``os._exit`` (gloo processes sometimes abort at interpreter shutdown
@@ -50,7 +50,7 @@ def main(root: str, out: str, rank: int, world: int, port: str, dropout: float, 
     import torch.distributed as td
 
     from jsm_dist.data.corpus import Corpus
-    from jsm_dist.textfit import capped_shards, fit_scorer
+    from jsm_dist.refine.textfit import capped_shards, fit_scorer
 
     torch.set_num_threads(1)
     if world > 1:

@@ -94,7 +94,7 @@ def test_refinement_carries_an_unreadable_sample_over_and_commits(tmp_path: Path
     import torch
 
     from jsm_dist.models import JSMModel, ModelConfig
-    from jsm_dist.refine import refine_labels
+    from jsm_dist.refine.refinement import refine_labels
 
     corpus = make_tiny_corpus(tmp_path, shard_sizes=[4, 3])
     garble_member(corpus.shard_paths[1], "tiny_001_0001.rgb.png")

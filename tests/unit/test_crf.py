@@ -1,4 +1,4 @@
-"""Dense CRF post-processing (jsm_dist.jsm.dense_crf)."""
+"""Dense CRF post-processing (jsm_dist.crf.dense_crf)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from jsm_dist import jsm
+from jsm_dist import crf
 
 H = 64
 
@@ -39,7 +39,7 @@ def test_crf_output_range_shape_dtype():
     rng = np.random.default_rng(0)
     noisy = np.clip(_blurred(obj) + rng.normal(0, 0.2, obj.shape), 0, 1).astype(np.float32)
     p, rgb = _to_torch([_blurred(obj), noisy, np.zeros_like(obj)], [_image(obj)] * 3)
-    out = jsm.dense_crf(p, rgb)
+    out = crf.dense_crf(p, rgb)
     assert out.shape == p.shape and out.dtype == torch.float32
     assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
     assert torch.isfinite(out).all()
@@ -49,7 +49,7 @@ def test_crf_output_range_shape_dtype():
 def test_crf_sharpens_blurred_mask_along_rgb_edges():
     obj = _square(16, 48, 20, 52)
     blur = _blurred(obj)
-    out = jsm.dense_crf(*_to_torch([blur], [_image(obj)]))[0, 0].numpy()
+    out = crf.dense_crf(*_to_torch([blur], [_image(obj)]))[0, 0].numpy()
     k = np.ones((7, 7), np.uint8)
     band = (cv2.dilate(obj, k) - cv2.erode(obj, k)) > 0  # pixels near the object boundary
     err_blur = np.abs(blur - obj)[band].mean()
@@ -63,7 +63,7 @@ def test_crf_follows_the_image_edges_not_the_mask():
     mask_obj, rgb_obj = _square(16, 48, 20, 52), _square(16, 48, 24, 56)
     blur = _blurred(mask_obj)
     flat = np.full((H, H, 3), 100, np.uint8)
-    out = jsm.dense_crf(*_to_torch([blur, blur], [_image(rgb_obj), flat]))[:, 0].numpy()
+    out = crf.dense_crf(*_to_torch([blur, blur], [_image(rgb_obj), flat]))[:, 0].numpy()
     err_edges = np.abs(out[0] - rgb_obj).mean()
     err_flat = np.abs(out[1] - rgb_obj).mean()
     assert err_edges < 0.6 * err_flat, (err_edges, err_flat)
@@ -72,18 +72,18 @@ def test_crf_follows_the_image_edges_not_the_mask():
 
 def test_crf_rejects_bad_shapes():
     with pytest.raises(ValueError, match="prob"):
-        jsm.dense_crf(torch.rand(2, H, H), torch.rand(2, 3, H, H))
+        crf.dense_crf(torch.rand(2, H, H), torch.rand(2, 3, H, H))
     with pytest.raises(ValueError, match="rgb"):
-        jsm.dense_crf(torch.rand(2, 1, H, H), torch.rand(2, 3, H, H + 1))
+        crf.dense_crf(torch.rand(2, 1, H, H), torch.rand(2, 3, H, H + 1))
 
 
 def test_crf_process_pool_matches_in_process():
     obj = _square(10, 40, 12, 50)
     probs = [_blurred(obj), _blurred(np.roll(obj, 5, 1)), _blurred(obj) * 0.5]
     p, rgb = _to_torch(probs, [_image(obj)] * 3)
-    params = jsm.CRFParams(size=64)
+    params = crf.CRFParams(size=64)
     try:
-        pooled = jsm.dense_crf(p, rgb, params, workers=2)
+        pooled = crf.dense_crf(p, rgb, params, workers=2)
     finally:
-        jsm.shutdown_crf_pools()
-    assert torch.allclose(pooled, jsm.dense_crf(p, rgb, params, workers=0), atol=1e-6)
+        crf.shutdown_crf_pools()
+    assert torch.allclose(pooled, crf.dense_crf(p, rgb, params, workers=0), atol=1e-6)

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks import depth_orientation as bench
 from jsm_dist import schema
-from jsm_dist.bench import depth_orientation as bench
 from jsm_dist.data import orientation, synth
 
 REAL = Path(__file__).resolve().parents[1] / "data" / "real"

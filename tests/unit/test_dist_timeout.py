@@ -14,7 +14,7 @@ from accelerate.utils import InitProcessGroupKwargs
 
 from jsm_dist import dist
 from jsm_dist.config import build_config
-from jsm_dist.launch_command import free_port
+from jsm_dist.launching.command import free_port
 
 # what gloo raised when a peer was stopped (torch 2.13), and what it raises when one dies
 GLOO_TIMEOUT = (

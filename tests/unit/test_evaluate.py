@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jsm_dist import evaluate as ev
-from jsm_dist import report
+from jsm_dist.eval import evaluate as ev
+from jsm_dist.eval import inputs as I
+from jsm_dist.eval import metrics as M
+from jsm_dist.eval import report
 
 
 def _one(pred, gt) -> dict:
-    return ev.evaluate_pairs([(np.asarray(pred, np.uint8), np.asarray(gt, np.uint8))])
+    return M.evaluate_pairs([(np.asarray(pred, np.uint8), np.asarray(gt, np.uint8))])
 
 
 # ---------------------------------------------------------------- metric values by hand
@@ -94,13 +96,13 @@ def test_float_inputs_match_uint8_and_arrays_resize():
     rng = np.random.default_rng(0)
     gts = (rng.random((3, 16, 20)) > 0.6).astype(np.uint8) * 255
     preds = rng.random((3, 16, 20))
-    a = ev.evaluate_arrays(preds, gts)
-    b = ev.evaluate_pairs(zip(np.rint(preds * 255).astype(np.uint8), gts))
-    assert {k: a[k] for k in ev.METRIC_KEYS} == {k: b[k] for k in ev.METRIC_KEYS}
+    a = M.evaluate_arrays(preds, gts)
+    b = M.evaluate_pairs(zip(np.rint(preds * 255).astype(np.uint8), gts))
+    assert {k: a[k] for k in M.METRIC_KEYS} == {k: b[k] for k in M.METRIC_KEYS}
     # label-store generations are stored smaller than the GT: resized to the GT size
     small = np.rint(preds[:, ::2, ::2] * 255).astype(np.uint8)
-    c = ev.evaluate_arrays(small, gts)
-    d = ev.evaluate_pairs((ev.resize_to(p, (16, 20)), g) for p, g in zip(small, gts))
+    c = M.evaluate_arrays(small, gts)
+    d = M.evaluate_pairs((M.resize_to(p, (16, 20)), g) for p, g in zip(small, gts))
     assert c["MAE"] == d["MAE"] and c["num_images"] == 3
 
 
@@ -114,19 +116,19 @@ def test_float_inputs_match_uint8_and_arrays_resize():
 )
 def test_bad_pairs_name_the_bad_value(pred, gt, needle):
     with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)")):
-        ev.evaluate_pairs([(pred, gt)])
+        M.evaluate_pairs([(pred, gt)])
 
 
 def test_empty_accumulator_raises():
     with pytest.raises(ValueError, match="no images"):
-        ev.SODMetrics().get_results()
+        M.SODMetrics().get_results()
 
 
 def test_agrees_with_reference_style_evaluator():
-    from jsm_dist.bench.evaluate import ReferenceStyleEvaluator, synthetic_pairs
+    from benchmarks.evaluate import ReferenceStyleEvaluator, synthetic_pairs
 
     pairs = synthetic_pairs(3, 96, seed=1)
-    ours, ref = ev.evaluate_pairs(pairs), ReferenceStyleEvaluator(pairs).run()
+    ours, ref = M.evaluate_pairs(pairs), ReferenceStyleEvaluator(pairs).run()
     assert ours["MAE"] == pytest.approx(ref["MAE"], abs=1e-5)
     # the reference splits the regions at the centroid without MATLAB's +1 (PySODMetrics
     # keeps it): a small difference that shrinks with the image size
@@ -163,7 +165,7 @@ def bench_tree(tmp_path):
     _png(preds / "M1" / "NJU2K" / "d.png", pred_a)  # no ground truth
     (preds / "M1" / "NJU2K" / "e.png").write_bytes(b"not a png")
     (preds / "M2" / "NLPR").mkdir(parents=True)
-    expected = ev.evaluate_pairs([(pred_a, gt_a), (ev.resize_to(pred_b, gt_b.shape), gt_b)])
+    expected = M.evaluate_pairs([(pred_a, gt_a), (M.resize_to(pred_b, gt_b.shape), gt_b)])
     return tmp_path, expected
 
 
@@ -177,7 +179,7 @@ def test_folder_bad_inputs_are_counted_and_reported(bench_tree, capsys, caplog):
     data = json.loads((out / "results.json").read_text())["results"]
     m1 = data["M1"]["NJU2K"]
     assert m1["num_images"] == 2
-    for k in ev.METRIC_KEYS:
+    for k in M.METRIC_KEYS:
         assert m1[k] == pytest.approx(expected[k], abs=1e-12), k
     assert m1["issues"] == {
         "missing_gt": ["d.png"],
@@ -200,7 +202,7 @@ def test_folder_bad_inputs_are_counted_and_reported(bench_tree, capsys, caplog):
     assert len(full) == 2  # NJU2K and NLPR
     rows = {r[0]: r for r in full[0][1:]}
     assert rows["M1"][1] == "2"
-    for k, cell in zip(ev.METRIC_KEYS, rows["M1"][2:]):
+    for k, cell in zip(M.METRIC_KEYS, rows["M1"][2:]):
         assert float(cell) == pytest.approx(round(m1[k], report.DIGITS), abs=1e-9), k
     assert rows["M2"][2] == "-"
     summary = next(t for t in tables if t[0][1] == "NJU2K Sm")
@@ -221,7 +223,7 @@ def test_missing_pred_policies_and_parallel(bench_tree):
     assert serial["issues"]["missing_pred"] == ["c.png"]
     assert serial["MAE"] != pytest.approx(expected["MAE"])
     parallel = ev.evaluate_folder(pred_dir, gt_dir, missing_pred="zero", workers=2)
-    assert {k: parallel[k] for k in ev.METRIC_KEYS} == {k: serial[k] for k in ev.METRIC_KEYS}
+    assert {k: parallel[k] for k in M.METRIC_KEYS} == {k: serial[k] for k in M.METRIC_KEYS}
     with pytest.raises(FileNotFoundError, match="c.png"):
         ev.evaluate_folder(pred_dir, gt_dir, missing_pred="error")
 
@@ -261,7 +263,7 @@ def test_label_store_generations_vs_gt(tmp_path, capsys):
                       "--samples-per-shard", "3", "--workers", "1", "--no-progress"]) == 0  # fmt: skip
     store = LabelStore.open(corpus / "labels")
     shard_gts = [
-        [ev.read_gray(BytesIO(f["gt.png"])) for _, f in iter_tar_samples(str(p), want=("gt.png",))]
+        [I.read_gray(BytesIO(f["gt.png"])) for _, f in iter_tar_samples(str(p), want=("gt.png",))]
         for p in sorted(corpus.glob("shard-*.tar"))
     ]
     with store.writer(1) as w:  # generation 1 = the ground truth itself
@@ -274,9 +276,9 @@ def test_label_store_generations_vs_gt(tmp_path, capsys):
     assert res["gen-1"][name]["MAE"] == 0.0 and res["gen-1"][name]["Sm"] == pytest.approx(1.0)
     gen0 = np.concatenate([store.read_many([s] * len(g), range(len(g)), generation=0)
                            for s, g in enumerate(shard_gts)])  # fmt: skip
-    direct = ev.evaluate_arrays(gen0, np.concatenate(shard_gts))
-    assert {k: res["gen-0"][name][k] for k in ev.METRIC_KEYS} == pytest.approx(
-        {k: direct[k] for k in ev.METRIC_KEYS}, abs=1e-12
+    direct = M.evaluate_arrays(gen0, np.concatenate(shard_gts))
+    assert {k: res["gen-0"][name][k] for k in M.METRIC_KEYS} == pytest.approx(
+        {k: direct[k] for k in M.METRIC_KEYS}, abs=1e-12
     )
     held_out = ev.evaluate_label_store(corpus, generations=[0], shards=[1])
     assert list(held_out) == ["gen-0"] and held_out["gen-0"][name]["num_images"] == 3

@@ -11,8 +11,8 @@ from datetime import timedelta
 import pytest
 import torch
 
+from benchmarks.model import make_batch
 from jsm_dist import schema
-from jsm_dist.bench.model import make_batch
 from jsm_dist.models import JSMModel, ModelConfig
 
 pytestmark = pytest.mark.gpu

@@ -11,7 +11,7 @@ from webdataset.tariterators import base_plus_ext
 
 from jsm_dist.data import pack
 from jsm_dist.data.corpus import Corpus
-from jsm_dist.data.shard_writer import KEY_HASH, KEY_PREFIX, PLAIN_KEY, sample_key
+from jsm_dist.schema import KEY_HASH, KEY_PREFIX, PLAIN_KEY, sample_key
 
 
 def test_plain_names_are_their_own_key():

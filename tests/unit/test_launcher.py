@@ -1,4 +1,4 @@
-"""jsm_dist.launcher: accelerate command lines from fake SLURM env, validation, configs."""
+"""jsm_dist.launching.cli: accelerate command lines from fake SLURM env, validation, configs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from jsm_dist import launcher as L
+from jsm_dist import dist
+from jsm_dist.launching import cli as L
+from jsm_dist.launching import command as C
+from jsm_dist.launching import slurm as S
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,29 +35,29 @@ def slurm_env(nodelist: str, nnodes: int, nodeid: int, job: int = 4711, **extra)
     return env
 
 
-def fake_slurm(env, **kw) -> L.LaunchConfig:
+def fake_slurm(env, **kw) -> C.LaunchConfig:
     """from_slurm with scontrol replaced by the pure-Python expander and no DNS."""
-    return L.from_slurm(env, hostnames=L.expand_hostlist, address=lambda host: host, **kw)
+    return S.from_slurm(env, hostnames=S.expand_hostlist, address=lambda host: host, **kw)
 
 
 def test_one_node_cpu_from_slurm():
     env = slurm_env("cn17", 1, 0, job=123456)
     cfg = fake_slurm(env, mode="cpu", procs_per_node=2, train_args=("--config", "c.yaml"))
-    cmd = L.build_command(cfg)
+    cmd = C.build_command(cfg)
     assert cmd[:2] == ["accelerate", "launch"]
     assert "--multi_gpu" in cmd and "--use_deepspeed" not in cmd and "--cpu" not in cmd
     assert flag(cmd, "--num_processes") == "2"
     assert flag(cmd, "--num_machines") == "1"
-    assert flag(cmd, "--main_process_port") == str(L.DEFAULT_PORT + 123456 % 10000)
+    assert flag(cmd, "--main_process_port") == str(C.DEFAULT_PORT + 123456 % 10000)
     assert "--machine_rank" not in cmd and "--main_process_ip" not in cmd
     assert cmd[-4:] == ["-m", "jsm_dist.train", "--config", "c.yaml"]
-    assert L.build_env(cfg, base={})["ACCELERATE_USE_CPU"] == "1"
+    assert C.build_env(cfg, base={})["ACCELERATE_USE_CPU"] == "1"
 
 
 def test_three_nodes_gpu_from_slurm():
     env = slurm_env("gpu[07-09]", 3, 2, SLURM_GPUS_ON_NODE=4)
     cfg = fake_slurm(env, mode="gpu", port=31000)
-    cmd = L.build_command(cfg)
+    cmd = C.build_command(cfg)
     assert cfg.procs_per_node == 4
     assert flag(cmd, "--num_processes") == "12"  # nodes x GPUs per node
     assert flag(cmd, "--num_machines") == "3"
@@ -63,13 +66,13 @@ def test_three_nodes_gpu_from_slurm():
     assert flag(cmd, "--main_process_port") == "31000"
     assert "--multi_gpu" in cmd and "--same_network" in cmd
     assert flag(cmd, "--rdzv_backend") == "static"
-    assert "ACCELERATE_USE_CPU" not in L.build_env(cfg, base={})
+    assert "ACCELERATE_USE_CPU" not in C.build_env(cfg, base={})
 
 
 def test_three_nodes_deepspeed_uses_standard_multinode_launcher():
     env = slurm_env("a[1-2],b5", 3, 0, SLURM_GPUS_PER_NODE="h100:8")
     cfg = fake_slurm(env, mode="deepspeed", deepspeed_config_file="ds_config.json")
-    cmd = L.build_command(cfg)
+    cmd = C.build_command(cfg)
     assert flag(cmd, "--num_processes") == "24"
     assert flag(cmd, "--machine_rank") == "0"
     assert flag(cmd, "--main_process_ip") == "a1"
@@ -79,19 +82,19 @@ def test_three_nodes_deepspeed_uses_standard_multinode_launcher():
 
 
 def test_single_process_cpu_uses_cpu_flag_not_multi_gpu():
-    cmd = L.build_command(L.LaunchConfig(mode="cpu", procs_per_node=1))
+    cmd = C.build_command(C.LaunchConfig(mode="cpu", procs_per_node=1))
     assert "--cpu" in cmd and "--multi_gpu" not in cmd
     assert "--main_process_port" not in cmd
 
 
 def test_script_path_runs_without_dash_m():
-    cfg = L.LaunchConfig(train_target="tests/integration/dist_probe.py", train_args=("--x", "1"))
-    assert L.build_command(cfg)[-3:] == ["tests/integration/dist_probe.py", "--x", "1"]
+    cfg = C.LaunchConfig(train_target="tests/integration/dist_probe.py", train_args=("--x", "1"))
+    assert C.build_command(cfg)[-3:] == ["tests/integration/dist_probe.py", "--x", "1"]
 
 
 def test_deepspeed_with_cpu_is_rejected():
-    with pytest.raises(L.LaunchError, match="DeepSpeed cannot be combined with --cpu"):
-        L.LaunchConfig(mode="deepspeed", force_cpu=True)
+    with pytest.raises(C.LaunchError, match="DeepSpeed cannot be combined with --cpu"):
+        C.LaunchConfig(mode="deepspeed", force_cpu=True)
 
 
 def test_cli_rejects_deepspeed_with_cpu_env(monkeypatch, caplog):
@@ -124,18 +127,18 @@ def test_cli_dry_run_prints_command(capsys, monkeypatch):
     ],
 )
 def test_invalid_settings_fail_with_the_value(kwargs, message):
-    with pytest.raises(L.LaunchError, match=message):
-        L.LaunchConfig(**kwargs)
+    with pytest.raises(C.LaunchError, match=message):
+        C.LaunchConfig(**kwargs)
 
 
 def test_missing_slurm_variables_are_named():
-    with pytest.raises(L.LaunchError, match="SLURM_JOB_NODELIST"):
+    with pytest.raises(C.LaunchError, match="SLURM_JOB_NODELIST"):
         fake_slurm({}, mode="cpu", procs_per_node=1)
-    with pytest.raises(L.LaunchError, match="SLURM_NODEID"):
+    with pytest.raises(C.LaunchError, match="SLURM_NODEID"):
         fake_slurm({"SLURM_JOB_NODELIST": "a", "SLURM_NNODES": "1"}, mode="cpu", procs_per_node=1)
-    with pytest.raises(L.LaunchError, match="processes per node unknown"):
+    with pytest.raises(C.LaunchError, match="processes per node unknown"):
         fake_slurm(slurm_env("a[1-2]", 2, 0), mode="gpu")
-    with pytest.raises(L.LaunchError, match="names 2 hosts but SLURM_NNODES=3"):
+    with pytest.raises(C.LaunchError, match="names 2 hosts but SLURM_NNODES=3"):
         fake_slurm(slurm_env("a[1-2]", 3, 0), mode="cpu", procs_per_node=1)
 
 
@@ -149,14 +152,14 @@ def test_missing_slurm_variables_are_named():
     ],
 )
 def test_expand_hostlist(nodelist, hosts):
-    assert L.expand_hostlist(nodelist) == hosts
+    assert S.expand_hostlist(nodelist) == hosts
 
 
 def test_expand_hostlist_rejects_garbage():
-    with pytest.raises(L.LaunchError, match="unbalanced"):
-        L.expand_hostlist("a[1-2")
-    with pytest.raises(L.LaunchError, match="cannot parse range"):
-        L.expand_hostlist("a[x-2]")
+    with pytest.raises(C.LaunchError, match="unbalanced"):
+        S.expand_hostlist("a[1-2")
+    with pytest.raises(C.LaunchError, match="cannot parse range"):
+        S.expand_hostlist("a[x-2]")
 
 
 @pytest.mark.parametrize(
@@ -170,33 +173,33 @@ def test_expand_hostlist_rejects_garbage():
     ],
 )
 def test_gpus_on_node(env, gpus):
-    assert L.gpus_on_node(env) == gpus
+    assert S.gpus_on_node(env) == gpus
 
 
 def test_rendezvous_address_falls_back_to_node_addr():
-    assert L.rendezvous_address("n1", resolves=lambda h: True, node_addr=lambda h: "x") == "n1"
-    got = L.rendezvous_address("n1", resolves=lambda h: False, node_addr=lambda h: "10.1.2.3")
+    assert S.rendezvous_address("n1", resolves=lambda h: True, node_addr=lambda h: "x") == "n1"
+    got = S.rendezvous_address("n1", resolves=lambda h: False, node_addr=lambda h: "10.1.2.3")
     assert got == "10.1.2.3"
-    with pytest.raises(L.LaunchError, match="does not resolve"):
-        L.rendezvous_address("n1", resolves=lambda h: False, node_addr=lambda h: None)
+    with pytest.raises(C.LaunchError, match="does not resolve"):
+        S.rendezvous_address("n1", resolves=lambda h: False, node_addr=lambda h: None)
 
 
 def test_accelerator_kwargs_match_the_launch():
-    assert L.accelerator_kwargs(cuda_available=False, env={}) == {"cpu": True}
-    assert L.accelerator_kwargs(cuda_available=True, env={}) == {}
-    ds = L.accelerator_kwargs(cuda_available=False, env={"ACCELERATE_USE_DEEPSPEED": "true"})
+    assert dist.accelerator_kwargs(cuda_available=False, env={}) == {"cpu": True}
+    assert dist.accelerator_kwargs(cuda_available=True, env={}) == {}
+    ds = dist.accelerator_kwargs(cuda_available=False, env={"ACCELERATE_USE_DEEPSPEED": "true"})
     (handler,) = ds["kwargs_handlers"]
     assert "cpu" not in ds and handler.backend == "gloo"
 
 
 def test_verify_world_catches_the_silent_single_process_trap():
     ok = SimpleNamespace(num_processes=2, distributed_type="DistributedType.MULTI_CPU")
-    L.verify_world(ok, env={"WORLD_SIZE": "2"})
+    dist.verify_world(ok, env={"WORLD_SIZE": "2"})
     alone = SimpleNamespace(num_processes=1, distributed_type="DistributedType.NO")
     with pytest.raises(RuntimeError, match="WORLD_SIZE=2"):
-        L.verify_world(alone, env={"WORLD_SIZE": "2"})
+        dist.verify_world(alone, env={"WORLD_SIZE": "2"})
     with pytest.raises(RuntimeError, match="DeepSpeed"):
-        L.verify_world(ok, env={"WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true"})
+        dist.verify_world(ok, env={"WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true"})
 
 
 def _train_sh(env_extra: dict, *args: str) -> list[str]:
@@ -236,7 +239,7 @@ def test_train_sh_machines_and_slurm_single_node():
     assert flag(out, "--machine_rank") == "1" and flag(out, "--main_process_ip") == "10.0.0.5"
     out = _train_sh({"MODE": "cpu", **slurm_env("localhost", 1, 0, job=10007)})
     assert flag(out, "--num_processes") == "2"
-    assert flag(out, "--main_process_port") == str(L.DEFAULT_PORT + 7)
+    assert flag(out, "--main_process_port") == str(C.DEFAULT_PORT + 7)
 
 
 def test_train_sh_deepspeed_with_cpu_env_fails_early():

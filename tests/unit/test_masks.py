@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jsm_dist import evaluate as ev
 from jsm_dist.data import decode
 from jsm_dist.data.decode import BadInput
+from jsm_dist.data.masks import mask_from_array, read_mask
+from jsm_dist.eval import evaluate as ev
+from jsm_dist.eval import metrics as M
 from jsm_dist.labels import LabelStore
 from jsm_dist.labels.tools import load_gt
-from jsm_dist.masks import mask_from_array, read_mask
 
 HW = (24, 32)
 
@@ -81,7 +82,7 @@ def test_every_storage_gives_the_metrics_of_the_0_255_mask(tmp_path, storage):
     got = ev.evaluate_folder(pred, gt)
     assert got["num_images"] == ref["num_images"] == 3
     assert ref["maxF"] > 0.5  # the reference itself is a meaningful score
-    for k in ev.METRIC_KEYS:
+    for k in M.METRIC_KEYS:
         assert got[k] == ref[k], (storage, k)
     assert got["issues"] == ref["issues"] == {}
 
@@ -101,14 +102,12 @@ def test_jsm_eval_main_on_a_0_1_benchmark(tmp_path):
                         "--out", str(root / "report"), "--workers", "1"]) == 0  # fmt: skip
         results[storage] = json.loads((root / "report" / "results.json").read_text())
     a, b = (r["results"]["M"]["NLPR"] for r in results.values())
-    assert a["maxF"] > 0.5 and {k: b[k] for k in ev.METRIC_KEYS} == {
-        k: a[k] for k in ev.METRIC_KEYS
-    }
+    assert a["maxF"] > 0.5 and {k: b[k] for k in M.METRIC_KEYS} == {k: a[k] for k in M.METRIC_KEYS}
 
 
 def test_all_zero_gt_is_still_an_image_without_object(tmp_path):
     pred = np.full(HW, 90, np.uint8)
-    expected = ev.evaluate_pairs([(pred, np.zeros(HW, np.uint8))])
+    expected = M.evaluate_pairs([(pred, np.zeros(HW, np.uint8))])
     for storage in ("0/255", "0/1", "palette black/white", "16-bit 0/65535"):
         d = tmp_path / storage.replace("/", "_")
         (d / "gt").mkdir(parents=True)
@@ -117,7 +116,7 @@ def test_all_zero_gt_is_still_an_image_without_object(tmp_path):
         Image.fromarray(pred).save(d / "pred" / "z.png")
         got = ev.evaluate_folder(d / "pred", d / "gt")
         assert got["num_images"] == 1 and got["issues"] == {}
-        for k in ev.METRIC_KEYS:
+        for k in M.METRIC_KEYS:
             assert got[k] == expected[k], (storage, k)
 
 
@@ -149,8 +148,8 @@ def test_every_gt_reader_agrees(tmp_path, storage):
     np.testing.assert_array_equal(load_gt(store, 0, tmp_path)[0], want)
     pred = (np.random.default_rng(1).random(HW) * 255).astype(np.uint8)
     as_stored = np.asarray(STORAGES[storage](m)) if storage.startswith(("0/1", "16")) else want
-    got, ref = (ev.evaluate_arrays(pred[None], g[None]) for g in (as_stored, want))
-    assert {k: got[k] for k in ev.METRIC_KEYS} == {k: ref[k] for k in ev.METRIC_KEYS}
+    got, ref = (M.evaluate_arrays(pred[None], g[None]) for g in (as_stored, want))
+    assert {k: got[k] for k in M.METRIC_KEYS} == {k: ref[k] for k in M.METRIC_KEYS}
 
 
 def test_a_palette_mask_that_needs_a_guess_is_refused(tmp_path):

@@ -9,8 +9,8 @@ import pytest
 import torch
 from jsm_reference import slow_bns, slow_postprocess, slow_update
 
-from jsm_dist import jsm, schema
-from jsm_dist.bench.model import FourModuleTrainer, combined_step, make_batch
+from benchmarks.model import FourModuleTrainer, combined_step, make_batch
+from jsm_dist import crf, schema
 from jsm_dist.models import JSMModel, ModelConfig, load_model, save_model
 from jsm_dist.models.saliency import CPDNet
 from jsm_dist.models.text import TSM, minilm_path
@@ -323,7 +323,7 @@ def expected_refine(model: JSMModel, batch: dict, scorer=None) -> dict[str, np.n
             new[i] = conf[i, 0] * l_g[i] + conf[i, 1] * l_d[i]
     label = slow_postprocess(new, cfg.post_sigmoid, cfg.post_minmax)
     if cfg.crf:  # the CRF itself is checked in tests/unit/test_crf.py
-        label = jsm.dense_crf(torch.from_numpy(label).float(), rgb).double().numpy()
+        label = crf.dense_crf(torch.from_numpy(label).float(), rgb).double().numpy()
     want.update(conf=conf, label=np.clip(label, 0.0, 1.0))
     if cfg.mode == "weak":  # p(word | the region the new label selects)
         logits = logits_of(want["label"][None])[0]

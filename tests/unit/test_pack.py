@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from jsm_dist import schema
-from jsm_dist.data import decode, pack, synth
+from jsm_dist.data import decode, pack, shard_writer, synth
 from jsm_dist.data.corpus import Corpus
 from jsm_dist.data.stream import DataConfig, make_eval_loader
 from jsm_dist.data.vocab import build_vocab, find_word, normalize_word
@@ -69,7 +69,9 @@ def test_synth_pack_writes_shards_corpus_json_and_generation_0(tmp_path):
     assert depth.dtype == np.uint16 and np.array_equal(depth, raw["depth"])  # 16 bits kept
     store = LabelStore.open(corpus.label_dir)
     assert store.generation == 0 and list(store.shard_sizes) == corpus.shard_sizes
-    expected = pack.initial_labels([raw["rgb"]], [raw["depth"]], schema.NEAR_IS_LARGE, 32)[0]
+    expected = shard_writer.initial_labels([raw["rgb"]], [raw["depth"]], schema.NEAR_IS_LARGE, 32)[
+        0
+    ]
     np.testing.assert_array_equal(store.read(0, 0), expected)
 
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from jsm_dist import schema
-from jsm_dist.data import decode, orientation, pack, synth
+from jsm_dist.data import decode, orientation, pack, shard_writer, synth
 from jsm_dist.data.corpus import Corpus, ShardInfo
 from jsm_dist.labels import LabelStore
 
@@ -116,7 +116,9 @@ def test_mixed_folder_gets_per_sample_orientation_labels_and_decoded_depth(
         )
         assert orientation.gt_implied(sample["depth"], gt) == NEAR, name
         # generation-0 labels come from the per-sample orientation too
-        label = pack.initial_labels([rgb], [stored], [expected[name]], corpus.label_size[0])[0]
+        label = shard_writer.initial_labels(
+            [rgb], [stored], [expected[name]], corpus.label_size[0]
+        )[0]
         np.testing.assert_array_equal(store.read(raw["shard"], meta["index"]), label)
     assert seen == set(expected)
 
@@ -152,7 +154,7 @@ def test_synthetic_demo_corpus_is_near_is_large_on_every_sample_and_labels_uncha
         assert json.loads(raw["json"])["depth_convention"] == NEAR
     # what the packer wrote before per-sample orientation: one near_is_large for all
     scenes = list(synth.generate(synth.SynthConfig(num_samples=64, image_size=128, seed=0)))
-    before = pack.initial_labels(
+    before = shard_writer.initial_labels(
         [s["rgb"] for s in scenes], [s["depth"] for s in scenes], NEAR, 128
     )
     store = LabelStore.open(corpus.label_dir)

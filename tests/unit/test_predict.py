@@ -122,7 +122,7 @@ def test_maps_of_a_packed_corpus_carry_the_original_names_and_match_the_gt(tmp_p
     from helpers import ODD_NAMES, write_benchmark_folder
 
     from jsm_dist.data import pack
-    from jsm_dist.evaluate import evaluate_folder
+    from jsm_dist.eval.evaluate import evaluate_folder
 
     src = write_benchmark_folder(tmp_path / "bench")
     args = ["benchmark", "--input", str(src), "--out", str(tmp_path / "c"), "--no-progress"]
@@ -248,7 +248,7 @@ def test_run_report_evaluates_at_the_recorded_training_size():
     from types import SimpleNamespace
 
     from jsm_dist.data.stream import DataConfig
-    from jsm_dist.runreport import heldout_data_config
+    from jsm_dist.eval.runreport import heldout_data_config
 
     run_cfg = SimpleNamespace(data=DataConfig(train_size=96, batch_size=2))
     assert heldout_data_config(run_cfg, SimpleNamespace(train_size=64)).train_size == 64

@@ -1,4 +1,4 @@
-"""The refinement pass (jsm_dist.refine): labels and side columns it commits, with a stand-in
+"""The refinement pass (jsm_dist.refine.refinement): labels and side columns it commits, with a stand-in
 model whose outputs are known (tests/refine_stub.py), and its diagnostics (did the update
 favour the better candidate, by S-measure?)."""
 
@@ -15,9 +15,10 @@ from refine_stub import (
     stub_weights,
 )
 
-from jsm_dist.eval_metrics import image_stats, smeasure_per_image
+from jsm_dist.eval.metrics import image_stats, smeasure_per_image
 from jsm_dist.labels import LabelStore
-from jsm_dist.refine import candidate_choice, refine_labels
+from jsm_dist.refine.refinement import refine_labels
+from jsm_dist.refine.stats import candidate_choice
 
 
 def _square(y, x, size=24, side=8):
@@ -57,7 +58,7 @@ def test_smeasure_per_image_is_the_evaluators_sm():
 
 
 def test_evaluate_arrays_hands_back_the_per_image_sm_it_averaged():
-    from jsm_dist.eval_metrics import evaluate_arrays
+    from jsm_dist.eval.metrics import evaluate_arrays
 
     gt = np.stack([_square(4, 4), _square(10, 2), _square(2, 12)])
     pred = np.stack([_square(5, 5), _square(14, 14), _square(2, 11)])
@@ -105,8 +106,8 @@ def test_refine_pass_writes_every_sample_its_own_label_and_side_columns(tmp_path
         w_g = np.array([stub_weights(s, i, g)[0] for s, i in readable])
         assert stats.samples == len(readable)
         assert stats.mean_abs_change == pytest.approx(np.abs(new - old).mean() / 255, abs=1e-6)
-        assert stats.fg_fraction_old == pytest.approx((old > 127.5).mean())
-        assert stats.fg_fraction_new == pytest.approx((new > 127.5).mean())
+        assert stats.fg_old == pytest.approx((old > 127.5).mean())
+        assert stats.fg_new == pytest.approx((new > 127.5).mean())
         assert stats.w_g_mean == pytest.approx(w_g.mean()) and stats.w_g_std > 0
     assert _files(store.gen_dir(0)) == gen0  # a committed generation is never written again
     assert store.generations == [0, 1, 2]

@@ -121,7 +121,7 @@ def test_diff_gt_dir_is_never_ignored(trained, tmp_path, capsys, caplog) -> None
 
 
 def test_jsm_eval_labels_on_a_run_store(trained, capsys) -> None:
-    from jsm_dist.evaluate import main as eval_main
+    from jsm_dist.eval.evaluate import main as eval_main
 
     _, run = trained
     assert eval_main(["--labels", str(run / "labels"), "--workers", "1", "--no-plots"]) == 0

@@ -1,7 +1,13 @@
 import json
 import math
 
-from jsm_dist.runreport import choose_generation, label_rows, plot_label_quality, read_log, timing
+from jsm_dist.eval.runreport import (
+    choose_generation,
+    label_rows,
+    plot_label_quality,
+    read_log,
+    timing,
+)
 
 
 def _event(gen, s_old, s_new, conf, fg_new=0.1):
@@ -58,7 +64,7 @@ def test_missing_log_is_a_clear_error(tmp_path):
 
 
 def test_carried_over_samples_get_a_column(tmp_path):
-    from jsm_dist.runreport import LABEL_COLS, build_report
+    from jsm_dist.eval.runreport import LABEL_COLS, build_report
 
     ev = _event(1, 0.70, 0.74, 0.3)
     ev["carried_over"] = 3  # samples the pass could not read

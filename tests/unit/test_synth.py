@@ -177,7 +177,7 @@ def test_depth_is_quantised_and_near_is_large(scenes):
 
 def test_single_cues_fail_on_some_scenes(scenes):
     """Depth-only and colour-only saliency must both pick a distractor sometimes."""
-    from jsm_dist.bench.initial_quality import colour_only
+    from benchmarks.initial_quality import colour_only
 
     nearer, louder, total = 0, 0, 0
     for smp, info in scenes:

@@ -1,4 +1,4 @@
-"""Text fitting (jsm_dist/textfit.py): a fitted COPY of the text network scores the update."""
+"""Text fitting (jsm_dist/refine/textfit.py): a fitted COPY of the text network scores the update."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import pytest
 import torch
 from helpers import make_tiny_corpus
 
+from benchmarks.model import VOCAB, make_batch
 from jsm_dist import jsm, schema
-from jsm_dist.bench.model import VOCAB, make_batch
 from jsm_dist.data.stream import DataConfig
 from jsm_dist.models import JSMModel, ModelConfig
-from jsm_dist.textfit import (
+from jsm_dist.refine.textfit import (
     batch_loss_share,
     capped_shards,
     collect_pooled,

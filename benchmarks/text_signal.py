@@ -1,6 +1,6 @@
 """Does the text network carry a usable signal? A short CPU training run on synthetic scenes.
 
-    python -m jsm_dist.bench.text_signal [--train 500] [--test 120] [--size 128] [--epochs 5]
+    python -m benchmarks.text_signal [--train 500] [--test 120] [--size 128] [--epochs 5]
                                          [--encoder efficientnet_lite0] [--threads 1]
 
 Builds scenes in memory with ``jsm_dist.data.synth.generate`` (captions name the salient
@@ -45,7 +45,7 @@ from jsm_dist.models import JSMModel, ModelConfig
 
 REFERENCE_CLIP = TrainConfig().clip_value  # gradient value clipping of the reference (0.5)
 
-log = logging.getLogger("jsm_dist.bench.text_signal")
+log = logging.getLogger("benchmarks.text_signal")
 
 
 # ---- data ----------------------------------------------------------------------------------
@@ -124,11 +124,11 @@ def train(
 
 def train_text_cached(model: JSMModel, data: dict, epochs: int, batch: int, lr: float, seed: int):
     """More text-network epochs with the image networks frozen, on cached pooled features:
-    :func:`jsm_dist.textfit.fit_pooled` (what ``train.text_fit_epochs`` does before each
+    :func:`jsm_dist.refine.textfit.fit_pooled` (what ``train.text_fit_epochs`` does before each
     refinement in a run); the fitted copy replaces ``model.text``."""
     if epochs <= 0:
         return
-    from jsm_dist.textfit import fit_pooled
+    from jsm_dist.refine.textfit import fit_pooled
 
     pooled = torch.cat([model.text_pooled(b[schema.RGB]) for b in batches(data, batch)], 1)
     model.text, stats = fit_pooled(
@@ -202,7 +202,7 @@ def _u8(m: torch.Tensor) -> np.ndarray:
 
 
 def smeasures(maps: torch.Tensor, gts: torch.Tensor) -> np.ndarray:
-    from jsm_dist.eval_metrics import smeasure_per_image
+    from jsm_dist.eval.metrics import smeasure_per_image
 
     return smeasure_per_image(_u8(maps[:, 0]), _u8(gts[:, 0]))
 
@@ -262,7 +262,7 @@ def update_quality(model: JSMModel, data: dict, batch: int, margin: float, crf: 
         "JSM + sigmoid/minmax": jsm.postprocess(jsm_raw),
     }
     if crf:
-        labels["JSM + sigmoid/minmax + CRF"] = jsm.dense_crf(
+        labels["JSM + sigmoid/minmax + CRF"] = crf.dense_crf(
             jsm.postprocess(jsm_raw), data[schema.RGB]
         )
     quality = {

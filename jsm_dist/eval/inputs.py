@@ -1,10 +1,10 @@
-"""Benchmark inputs on disk, for :mod:`jsm_dist.evaluate`.
+"""Benchmark inputs on disk, for :mod:`jsm_dist.eval.evaluate`.
 
 Holds the benchmark folder conventions (dataset names and aliases, GT folder names, image
 extensions), the bad-input kinds that are counted and reported (``ISSUE_HELP``) and the
 missing-prediction policies, and the functions that find and read inputs: dataset and
 prediction folder discovery, ``list_images`` (stem -> path, duplicates), ``read_gray`` (a
-prediction map) and ``load_pair``, which reads (the GT through :mod:`jsm_dist.masks`),
+prediction map) and ``load_pair``, which reads (the GT through :mod:`jsm_dist.data.masks`),
 checks and scores one file pair in a pool worker.
 """
 
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jsm_dist.eval_metrics import image_stats, resize_to
-from jsm_dist.masks import read_mask
+from jsm_dist.data.masks import read_mask
+from jsm_dist.eval.metrics import image_stats, resize_to
 
 # Canonical benchmark names (paper order) and the folder names they go by.
 DATASET_ALIASES: dict[str, tuple[str, ...]] = {
@@ -61,7 +61,7 @@ def canonical_dataset(name: str) -> str:
 
 def read_gray(path: str | os.PathLike) -> np.ndarray:
     """A prediction map file as uint8 (H, W) (colour converted to luminance, 16-bit
-    scaled). Ground truth is read by :func:`jsm_dist.masks.read_mask` (0/1 and palette
+    scaled). Ground truth is read by :func:`jsm_dist.data.masks.read_mask` (0/1 and palette
     masks)."""
     from PIL import Image
 

@@ -1,11 +1,12 @@
 """Build and validate the ``accelerate launch`` command line for one node.
 
-``launch/train.sh`` and the SLURM batch scripts call ``python -m jsm_dist.launcher``, which
+``launch/train.sh`` and the SLURM batch scripts call ``python -m jsm_dist.launching.cli``, which
 turns a few knobs (mode, processes per node, machines, rendezvous) into one ``accelerate
 launch`` command and ``exec``s it, so signals from srun/scancel reach accelerate directly.
 Keeping this in Python makes every command line unit-testable from a fake ``SLURM_*`` env.
-The command is built in :mod:`jsm_dist.launch_command`, the ``SLURM_*`` side is read in
-:mod:`jsm_dist.launch_slurm`; this module holds the CLI and the training side's checks.
+The command is built in :mod:`jsm_dist.launching.command`, the ``SLURM_*`` side is read in
+:mod:`jsm_dist.launching.slurm`; this module holds the CLI. The training side's checks
+(``dist.accelerator_kwargs``, ``dist.verify_world``) live with the accelerator set-up.
 
 Modes (what each one needs, verified on CPU-only machines; see docs/platform.md):
 
@@ -18,7 +19,7 @@ Modes (what each one needs, verified on CPU-only machines; see docs/platform.md)
   use ``--deepspeed_multinode_launcher standard`` (torchrun per node, as srun starts one
   launcher per node; the default would ssh/pdsh into the other nodes). Runs on CPU hosts too
   (DeepSpeed picks its CPU accelerator) provided the training code passes
-  ``InitProcessGroupKwargs(backend="gloo")``; see :func:`accelerator_kwargs`. DeepSpeed
+  ``InitProcessGroupKwargs(backend="gloo")``; see ``dist.accelerator_kwargs``. DeepSpeed
   combined with ``--cpu`` / ``ACCELERATE_USE_CPU`` is rejected here: accelerate either refuses
   it or, with the variable, silently drops DeepSpeed.
 """
@@ -32,97 +33,21 @@ import shlex
 import sys
 from collections.abc import Mapping, Sequence
 
-from jsm_dist.launch_command import (
+from jsm_dist.launching.command import (
     DEFAULT_PORT,
     MIXED_PRECISIONS,
     MODES,
-    TRUE_VALUES,
     LaunchConfig,
     LaunchError,
     build_command,
     build_env,
     env_forces_cpu,
-    free_port,
-    local_launch,
 )
-from jsm_dist.launch_slurm import (
-    SCONTROL_TIMEOUT_S,
-    default_port,
-    expand_hostlist,
+from jsm_dist.launching.slurm import (
     from_slurm,
-    gpus_on_node,
-    rendezvous_address,
-    slurm_hostnames,
-    slurm_node_addr,
 )
-
-# The command line is built in launch_command and the SLURM side read in launch_slurm; both
-# are re-exported here, where scripts, benchmarks and tests have always imported them from.
-__all__ = [
-    "DEFAULT_PORT",
-    "MIXED_PRECISIONS",
-    "MODES",
-    "SCONTROL_TIMEOUT_S",
-    "LaunchConfig",
-    "LaunchError",
-    "accelerator_kwargs",
-    "build_command",
-    "build_env",
-    "config_from_args",
-    "default_port",
-    "env_forces_cpu",
-    "expand_hostlist",
-    "free_port",
-    "from_slurm",
-    "gpus_on_node",
-    "local_launch",
-    "main",
-    "rendezvous_address",
-    "slurm_hostnames",
-    "slurm_node_addr",
-    "verify_world",
-]
 
 logger = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------- training side
-
-
-def accelerator_kwargs(cuda_available: bool | None = None, env: Mapping[str, str] | None = None):
-    """Keyword arguments for ``Accelerator(...)`` that match how the job was launched.
-
-    * no CUDA, no DeepSpeed: ``cpu=True`` (else each torchrun worker silently trains alone);
-    * no CUDA, DeepSpeed: a gloo process group (DeepSpeed on CPU) and no ``cpu=True``.
-    """
-    env = os.environ if env is None else env
-    if cuda_available is None:
-        import torch
-
-        cuda_available = torch.cuda.is_available()
-    deepspeed = env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in TRUE_VALUES
-    if cuda_available:
-        return {}
-    if deepspeed:
-        from accelerate.utils import InitProcessGroupKwargs
-
-        return {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
-    return {"cpu": True}
-
-
-def verify_world(accelerator, env: Mapping[str, str] | None = None) -> None:
-    """Fail fast when accelerate's world differs from the launcher's (the silent-NO trap)."""
-    env = os.environ if env is None else env
-    want = int(env.get("WORLD_SIZE", "1"))
-    if accelerator.num_processes != want:
-        raise RuntimeError(
-            f"accelerate sees {accelerator.num_processes} process(es) but WORLD_SIZE={want}: on a "
-            "machine without CUDA pass cpu=True (DDP) or a gloo InitProcessGroupKwargs (DeepSpeed)"
-        )
-    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in TRUE_VALUES:
-        kind = str(accelerator.distributed_type)
-        if "DEEPSPEED" not in kind:
-            raise RuntimeError(f"launched with DeepSpeed but accelerate runs {kind}")
 
 
 # ---------------------------------------------------------------------------------- CLI
@@ -130,7 +55,7 @@ def verify_world(accelerator, env: Mapping[str, str] | None = None) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m jsm_dist.launcher",
+        prog="python -m jsm_dist.launching.cli",
         description="Build (and exec) the `accelerate launch` command for this node. "
         "Arguments after `--` go to the training module.",
     )

@@ -1,6 +1,6 @@
 """Evaluation throughput: our evaluator vs the reference JSM repository's torch evaluator.
 
-    python -m jsm_dist.bench.evaluate [--num-images 32] [--size 352] [--workers 2]
+    python -m benchmarks.evaluate [--num-images 32] [--size 352] [--workers 2]
 
 The reference (github.com/jiwei0921/JSM, ``JSM_weakly/evaluateSOD/{evaluator,dataloader}.py``)
 re-reads every pair once per metric, min-max normalises the prediction to uint8, turns both
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jsm_dist.evaluate import evaluate_pairs, resize_to
+from jsm_dist.eval.metrics import evaluate_pairs, resize_to
 
 
 def synthetic_pairs(n: int, size: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:

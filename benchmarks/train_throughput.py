@@ -1,6 +1,6 @@
 """Training throughput: samples/s with N processes vs 1 process, same corpus and settings.
 
-    python -m jsm_dist.bench.train_throughput [--corpus DIR] [--procs 2] [--epochs 2]
+    python -m benchmarks.train_throughput [--corpus DIR] [--procs 2] [--epochs 2]
 
 Runs ``jsm_dist.train`` under ``accelerate launch`` twice, side by side in one invocation
 (1 process, then N), and prints samples/s of each from the runs' own telemetry (``done``
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from jsm_dist.launcher import local_launch
+from jsm_dist.launching.command import local_launch
 
 
 def run_training(corpus: str, out: Path, procs: int, extra: list[str]) -> dict:
@@ -46,7 +46,7 @@ def run_training(corpus: str, out: Path, procs: int, extra: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m jsm_dist.bench.train_throughput", description=__doc__.split("\n")[0]
+        prog="python -m benchmarks.train_throughput", description=__doc__.split("\n")[0]
     )
     p.add_argument("--corpus", default="", help="packed corpus (default: pack a synthetic one)")
     p.add_argument("--procs", type=int, default=2, help="processes of the distributed run")

@@ -1,4 +1,4 @@
-"""SOD metrics of in-memory maps, for :mod:`jsm_dist.evaluate`.
+"""SOD metrics of in-memory maps, for :mod:`jsm_dist.eval.evaluate`.
 
 Holds the metric table (``METRICS``, ``METRIC_KEYS``, the curve keys), the validation of one
 (pred, gt) pair, ``image_stats`` (every metric of one pair through PySODMetrics), the
@@ -17,7 +17,7 @@ from multiprocessing import get_context
 
 import numpy as np
 
-from jsm_dist.masks import mask_from_array
+from jsm_dist.data.masks import mask_from_array
 
 # (key, what it is) in the order of the printed table; MAE is the only lower-is-better metric.
 METRICS: tuple[tuple[str, str], ...] = (
@@ -58,7 +58,7 @@ def _to_uint8(arr: np.ndarray, what: str) -> np.ndarray:
 
 def validate_pair(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Both maps as uint8 (H, W); floats in [0, 1] are scaled to 0..255, bools to {0, 255};
-    the GT as :func:`jsm_dist.masks.mask_from_array` reads masks (0/1 -> 0/255, 16-bit)."""
+    the GT as :func:`jsm_dist.data.masks.mask_from_array` reads masks (0/1 -> 0/255, 16-bit)."""
     pred_u8, gt_u8 = _to_uint8(pred, "pred"), mask_from_array(gt, "gt")
     if pred_u8.shape != gt_u8.shape:
         raise ValueError(
@@ -188,7 +188,7 @@ def metric_pool(workers: int) -> ProcessPoolExecutor:
     # that imports the metric code once for all pools of this process.
     if "torch" in sys.modules:
         ctx = get_context("forkserver")
-        ctx.set_forkserver_preload(["jsm_dist.evaluate", "py_sod_metrics"])
+        ctx.set_forkserver_preload(["jsm_dist.eval.evaluate", "py_sod_metrics"])
     else:
         ctx = get_context("fork")
     return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)

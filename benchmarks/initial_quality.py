@@ -1,6 +1,6 @@
 """How good (and how wrong) are the handcrafted initial labels on the synthetic corpus?
 
-``python -m jsm_dist.bench.initial_quality [--num 300] [--size 128] [--grid grid.png]``
+``python -m benchmarks.initial_quality [--num 300] [--size 128] [--grid grid.png]``
 
 Generates ``--num`` scenes, computes CDCP initial labels (jsm_dist.data.initial) and three
 single-cue baselines on the same scenes, and prints per method: MAE, S-measure, max

@@ -1,9 +1,9 @@
 """Text fitting with N processes vs 1: time and rank 0's peak memory, same corpus and model.
 
-    python -m jsm_dist.bench.textfit_scaling --corpus DIR [--procs 2] [--epochs 30]
+    python -m benchmarks.textfit_scaling --corpus DIR [--procs 2] [--epochs 30]
                                              [--repeats 2] [--encoder efficientnet_lite0]
 
-Runs :func:`jsm_dist.textfit.fit_scorer` (what ``train.text_fit_epochs`` does before each
+Runs :func:`jsm_dist.refine.textfit.fit_scorer` (what ``train.text_fit_epochs`` does before each
 refinement) in 1 process and in ``--procs`` gloo processes, alternating, ``--repeats`` times
 each, every process on ``--threads`` torch threads, and prints per run: the wall time of the
 whole call (cache collection included; the slowest rank), the fitting alone
@@ -54,7 +54,7 @@ def _rank(args: argparse.Namespace) -> int:
     from jsm_dist.data.corpus import Corpus
     from jsm_dist.data.stream import DataConfig
     from jsm_dist.models import JSMModel, ModelConfig
-    from jsm_dist.textfit import fit_scorer
+    from jsm_dist.refine.textfit import fit_scorer
 
     torch.set_num_threads(args.threads)
     if args.world > 1:
@@ -101,7 +101,7 @@ def run(corpus: str, procs: int, args: argparse.Namespace, tmp: Path) -> dict:
     port = str(_free_port())
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     outs = [tmp / f"p{procs}_r{r}_{time.monotonic_ns()}.json" for r in range(procs)]
-    cmd = [sys.executable, "-m", "jsm_dist.bench.textfit_scaling", "--corpus", corpus]
+    cmd = [sys.executable, "-m", "benchmarks.textfit_scaling", "--corpus", corpus]
     children = [
         subprocess.Popen(
             [
@@ -137,7 +137,7 @@ def run(corpus: str, procs: int, args: argparse.Namespace, tmp: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m jsm_dist.bench.textfit_scaling", description=__doc__.split("\n")[0]
+        prog="python -m benchmarks.textfit_scaling", description=__doc__.split("\n")[0]
     )
     p.add_argument("--corpus", default="", help="packed corpus (default: pack a synthetic one)")
     p.add_argument("--procs", type=int, default=2, help="processes of the distributed fit")

@@ -1,4 +1,4 @@
-"""The ``accelerate launch`` command line of one node, for :mod:`jsm_dist.launcher`.
+"""The ``accelerate launch`` command line of one node, for :mod:`jsm_dist.launching.cli`.
 
 Holds the launch settings (``LaunchConfig``, validated in ``__post_init__``, and
 ``LaunchError``), ``build_command`` / ``build_env``, which turn them into the argv and
@@ -15,10 +15,11 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from jsm_dist.dist import TRUE_VALUES
+
 MODES = ("cpu", "gpu", "deepspeed")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 DEFAULT_PORT = 29500
-TRUE_VALUES = {"1", "true", "yes", "on"}
 
 
 class LaunchError(ValueError):

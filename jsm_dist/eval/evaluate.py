@@ -3,8 +3,8 @@
 Every number comes from PySODMetrics (``py_sod_metrics``), the implementation the field
 cross-checks against Fan et al.'s MATLAB toolbox. This module adds what a benchmark run
 needs around it: one accumulator for all metrics (``SODMetrics``), per-image work that can
-run in a process pool (both in ``jsm_dist.eval_metrics``), the benchmark folder layout
-(``jsm_dist.eval_inputs``), bad-input accounting, and the CLI::
+run in a process pool (both in ``jsm_dist.eval.metrics``), the benchmark folder layout
+(``jsm_dist.eval.inputs``), bad-input accounting, and the CLI::
 
     jsm-eval --gt-root data/test --pred-root results --out reports/eval
     # <gt-root>/<DATASET>/GT/*.png   <pred-root>/<METHOD>/<DATASET>/*.png
@@ -27,7 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from jsm_dist.eval_inputs import (
+from jsm_dist import schema
+from jsm_dist.data.masks import read_mask
+from jsm_dist.eval import report
+from jsm_dist.eval.inputs import (
     DATASET_ALIASES,
     GT_DIR_NAMES,
     IMAGE_EXTS,
@@ -42,7 +45,7 @@ from jsm_dist.eval_inputs import (
     load_pair_star,
     read_gray,
 )
-from jsm_dist.eval_metrics import (
+from jsm_dist.eval.metrics import (
     CURVE_KEYS,
     METRIC_KEYS,
     METRICS,
@@ -56,7 +59,8 @@ from jsm_dist.eval_metrics import (
     stats_of_pair,
     validate_pair,
 )
-from jsm_dist.masks import read_mask
+from jsm_dist.labels import LabelStore, LabelStoreError
+from jsm_dist.labels.tools import corpus_of, iter_tar_samples, store_dir
 
 # Metrics of in-memory maps live in eval_metrics, input discovery and reading in eval_inputs;
 # both are re-exported here, where callers have always imported them from.
@@ -203,9 +207,6 @@ def evaluate_label_store(
     are counted as ``missing_gt``. ``shards`` restricts to a split (e.g. held-out shards).
     """
 
-    from jsm_dist.labels import LabelStore, LabelStoreError
-    from jsm_dist.labels.tools import corpus_of, iter_tar_samples, store_dir
-
     root = store_dir(labels)
     store = LabelStore.open(root)
     try:
@@ -224,10 +225,14 @@ def evaluate_label_store(
     issues: dict[str, list[str]] = {}
     with metric_pool(workers) if workers > 1 else nullcontext() as pool:
         for s in shards if shards is not None else range(store.num_shards):
-            samples = list(iter_tar_samples(corpus.shard_paths[s], want=("gt.png",)))
-            idx = [i for i, (_, f) in enumerate(samples) if "gt.png" in f]
-            gts = [read_mask(samples[i][1]["gt.png"], f"gt of {samples[i][0]}") for i in idx]
-            issues.setdefault("missing_gt", []).extend(k for k, f in samples if "gt.png" not in f)
+            samples = list(iter_tar_samples(corpus.shard_paths[s], want=(schema.MEMBER_GT,)))
+            idx = [i for i, (_, f) in enumerate(samples) if schema.MEMBER_GT in f]
+            gts = [
+                read_mask(samples[i][1][schema.MEMBER_GT], f"gt of {samples[i][0]}") for i in idx
+            ]
+            issues.setdefault("missing_gt", []).extend(
+                k for k, f in samples if schema.MEMBER_GT not in f
+            )
             issues.setdefault("nonbinary_gt", []).extend(
                 samples[i][0] for i, g in zip(idx, gts) if np.any((g != 0) & (g != 255))
             )
@@ -344,7 +349,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                 shards=args.shards, workers=args.workers))  # fmt: skip
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"jsm-eval: {exc}") from None
-    from jsm_dist import report
 
     print(report.format_text_tables(results))
     if args.out is not None:

@@ -1,6 +1,6 @@
 """Report of a training run: label quality per generation and the final RGB-only model.
 
-``python -m jsm_dist.runreport --run runs/demo --corpus shards/demo/train
+``python -m jsm_dist.eval.runreport --run runs/demo --corpus shards/demo/train
 --eval-corpus shards/demo/test`` reads the run's ``metrics.jsonl`` (written by the training
 job's telemetry) and ``model.pt``, evaluates the model on the held-out corpus with RGB
 only, and writes ``<run>/report.md`` with tables, PR / F-measure curves and image grids.
@@ -25,6 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from jsm_dist import dist, schema
+from jsm_dist.config import build_config
+from jsm_dist.data.corpus import Corpus
+from jsm_dist.data.stream import DataConfig, make_eval_loader
+from jsm_dist.eval.metrics import evaluate_arrays
+from jsm_dist.eval.report import write_report
+from jsm_dist.models import load_model
+from jsm_dist.telemetry import image_grid
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +116,6 @@ def choose_generation(rows: list[dict]) -> dict:
 @torch.no_grad()
 def predict_corpus(model, corpus, data_cfg, max_samples: int = 10_000):
     """RGB-only predictions of the model, GT and stored generation-0 labels of a corpus."""
-    from jsm_dist.data.stream import make_eval_loader
 
     preds, gts, init, grid = [], [], [], []
     model.eval()
@@ -141,8 +147,6 @@ def heldout_data_config(cfg, model):
     """The run's data settings (defaults without a run config) at the input size the model
     was trained at: the size recorded in its model file, else the run's ``data.train_size``."""
     from dataclasses import replace
-
-    from jsm_dist.data.stream import DataConfig
 
     data = cfg.data if cfg is not None else DataConfig()
     size = getattr(model, "train_size", None)
@@ -211,9 +215,6 @@ def timing(records: list[dict]) -> dict:
 
 
 def build_report(run: Path, eval_corpus: str | None, out: Path) -> Path:
-    from jsm_dist.config import build_config
-    from jsm_dist.report import write_report
-    from jsm_dist.telemetry import image_grid
 
     records = read_log(run)
     rows = label_rows(records)
@@ -309,13 +310,9 @@ def build_report(run: Path, eval_corpus: str | None, out: Path) -> Path:
         ]
     model_path = run / "model.pt"
     if eval_corpus and model_path.is_file():
-        from jsm_dist.data.corpus import Corpus
-        from jsm_dist.models import load_model
-
         corpus = Corpus.load(eval_corpus)
         model = load_model(model_path)
         preds, gts, init, grid = predict_corpus(model, corpus, heldout_data_config(cfg, model))
-        from jsm_dist.evaluate import evaluate_arrays
 
         name = corpus.name or "held-out"
         results = {
@@ -342,7 +339,7 @@ def build_report(run: Path, eval_corpus: str | None, out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m jsm_dist.runreport", description=__doc__.split("\n")[0]
+        prog="python -m jsm_dist.eval.runreport", description=__doc__.split("\n")[0]
     )
     p.add_argument("--run", required=True, help="training run directory (holds metrics.jsonl)")
     p.add_argument("--corpus", default="", help="training corpus (informational)")

@@ -1,6 +1,6 @@
 """Loader benchmark: our streaming loader vs the reference JSM loader vs the decode limit.
 
-    python -m jsm_dist.bench.loader [--samples 384] [--image-size 352] [--workers 2]
+    python -m benchmarks.loader [--samples 384] [--image-size 352] [--workers 2]
                                     [--mode weak|unsupervised|full] ...
 
 One run, same data, same worker count and batch size, measured side by side:
@@ -357,7 +357,7 @@ def run(args) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m jsm_dist.bench.loader", description=__doc__.split("\n\n")[0]
+        prog="python -m benchmarks.loader", description=__doc__.split("\n\n")[0]
     )
     p.add_argument("--samples", type=int, default=384, help="synthetic scenes in the corpus")
     p.add_argument("--image-size", type=int, default=352, help="stored image side, pixels")

@@ -1,7 +1,7 @@
 """Evaluation reports: terminal tables, markdown, JSON and PNG curve plots.
 
 ``results`` everywhere is ``{method: {dataset: metrics}}`` where ``metrics`` is what
-``jsm_dist.evaluate`` returns (``SODMetrics.get_results()``, optionally with ``issues``
+``jsm_dist.eval.evaluate`` returns (``SODMetrics.get_results()``, optionally with ``issues``
 {kind: [names]}). A (method, dataset) with nothing evaluated has no metric keys and shows
 "-" in the tables. ``write_report`` is the one call the demo report and ``jsm-eval`` use.
 """
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jsm_dist.evaluate import ISSUE_HELP, METRIC_KEYS, METRICS
+from jsm_dist.eval.inputs import ISSUE_HELP
+from jsm_dist.eval.metrics import METRIC_KEYS, METRICS
 
 # Columns of the compact, paper-style summary (one group per dataset).
 SUMMARY_KEYS = ("Sm", "maxF", "maxE", "MAE")

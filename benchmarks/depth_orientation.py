@@ -1,6 +1,6 @@
 """How often does the per-sample depth-orientation rule agree with the ground truth?
 
-``python -m jsm_dist.bench.depth_orientation [--real tests/data/real] [--synth 300]
+``python -m benchmarks.depth_orientation [--real tests/data/real] [--synth 300]
 [--sizes 64,128,256] [--crops]``
 
 Every sample is tested in both orientations: as stored, and flipped (valid values

@@ -1,6 +1,6 @@
 """Mode ablation: label quality per generation and the final RGB-only model, per setting.
 
-    python -m jsm_dist.bench.ablation [--corpus DIR] [--out runs/ablation] [--epochs 6]
+    python -m benchmarks.ablation [--corpus DIR] [--out runs/ablation] [--epochs 6]
 
 Packs a synthetic corpus with a held-out split (unless ``--corpus`` names one packed with
 ``--holdout``), then trains once per variant with ``accelerate launch`` (2 CPU processes):
@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from jsm_dist.launcher import local_launch
+from jsm_dist.launching.command import local_launch
 
 VARIANTS = {
     "weak": ["--model.mode", "weak"],
@@ -63,7 +63,7 @@ def _fmt(v) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m jsm_dist.bench.ablation", description=__doc__.split("\n")[0]
+        prog="python -m benchmarks.ablation", description=__doc__.split("\n")[0]
     )
     p.add_argument("--corpus", default="", help="corpus root packed with --holdout (train/, test/)")
     p.add_argument("--out", default="runs/ablation", help="output directory")
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--no-progress",
             ]
         )
-    from jsm_dist import runreport
+    from jsm_dist.eval import runreport
 
     table, models, notes = [], [], []
     # the run report's label columns, less the per-pass ones that do not compare variants

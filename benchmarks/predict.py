@@ -1,6 +1,6 @@
 """Prediction throughput of ``jsm-predict`` per encoder, side by side.
 
-    python -m jsm_dist.bench.predict [--encoders tiny resnet50] [--num-images 16] [--size 352]
+    python -m benchmarks.predict [--encoders tiny resnet50] [--num-images 16] [--size 352]
 
 For each encoder: a JSMModel with random weights (weights do not change the cost), then
 (1) the whole ``predict_images`` path on a folder of synthetic JPEGs of benchmark-like sizes

@@ -1,6 +1,6 @@
 """Benchmark the label store against the reference JSM label handling, side by side.
 
-    python -m jsm_dist.bench.labels [--samples 512] [--crf-samples 8] [--size 256]
+    python -m benchmarks.labels [--samples 512] [--crf-samples 8] [--size 256]
 
 Writes (time per refined label, all in this run, same labels):
   store      LabelStore writer + close (fsync, checksums) + commit (manifest, fsyncs),
@@ -194,7 +194,7 @@ def bench_rss(work: Path, counts: tuple[int, ...] = (2_000, 20_000)) -> list[tup
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m jsm_dist.bench.labels", description=__doc__.split("\n")[0]
+        prog="python -m benchmarks.labels", description=__doc__.split("\n")[0]
     )
     ap.add_argument(
         "--samples",

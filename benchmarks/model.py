@@ -1,6 +1,6 @@
 """Model throughput: one combined JSMModel vs the reference's four modules and four optimizers.
 
-    python -m jsm_dist.bench.model [--encoder efficientnet_lite0] [--size 128] [--batch 4]
+    python -m benchmarks.model [--encoder efficientnet_lite0] [--size 128] [--batch 4]
                                    [--steps 6] [--threads 1]
 
 Side by side, same encoder, same batch, same initial weights:

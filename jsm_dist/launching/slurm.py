@@ -1,4 +1,4 @@
-"""SLURM helpers for :mod:`jsm_dist.launcher`: this node's launch settings from ``SLURM_*``.
+"""SLURM helpers for :mod:`jsm_dist.launching.cli`: this node's launch settings from ``SLURM_*``.
 
 Holds the node-list expansion (``scontrol show hostnames``, with a pure-Python fallback),
 the rendezvous address of machine 0 (its host name, else Slurm's NodeAddr), the GPU count
@@ -14,7 +14,7 @@ import socket
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 
-from jsm_dist.launch_command import DEFAULT_PORT, LaunchConfig, LaunchError
+from jsm_dist.launching.command import DEFAULT_PORT, LaunchConfig, LaunchError
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Evaluation: SOD metrics, input folders, jsm-eval, reports, the run report."""

@@ -1,0 +1,1 @@
+"""Launching: accelerate / DeepSpeed / SLURM command building (launch/ holds the scripts)."""

@@ -1,0 +1,1 @@
+"""The refinement pass between epochs: label update, statistics, text fitting."""
