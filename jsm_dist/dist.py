@@ -278,9 +278,12 @@ def all_reduce_sum(values: list[float]) -> list[float]:
         return list(values)
     import torch
 
-    t = torch.tensor(values, dtype=torch.float64)
+    # NCCL reduces CUDA tensors only (gloo CPU ones): put the sums where the backend works
+    on_gpu = td.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else None
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     td.all_reduce(t)
-    return t.tolist()
+    return t.cpu().tolist()
 
 
 def all_reduce_tensor(tensor):
