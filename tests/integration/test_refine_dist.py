@@ -113,4 +113,4 @@ if __name__ == "__main__":
         td.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)  # PLATFORM_NOTES: gloo processes may abort at interpreter shutdown otherwise
+    os._exit(code)  # docs/platform.md: gloo processes may abort at interpreter shutdown otherwise
