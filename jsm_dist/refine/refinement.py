@@ -130,7 +130,7 @@ def refine_labels(
                 conf_np[sel] if conf_np is not None else None,
             )
         dist.fault_point("refine_batch", acc.samples_seen)  # crash tests: die mid-pass
-        acc.step(batch, out, new_u8)
+        acc.step(batch, out, new_u8, conf_np)
     acc.carried(carry_over_undelivered(writer, loader.stats.get("missing", {})))
     writer.close()
     store.commit(new_gen)  # collective: barrier, rank-0 verify + manifest, barrier

@@ -84,8 +84,15 @@ class RefineAccumulator:
     def samples_seen(self) -> int:
         return int(self.sums.samples)
 
-    def step(self, batch: dict, out: schema.RefineOutput, new_u8: np.ndarray) -> None:
-        """Add one batch: its current labels, the model's refine output, the written labels."""
+    def step(
+        self,
+        batch: dict,
+        out: schema.RefineOutput,
+        new_u8: np.ndarray,
+        conf_np: np.ndarray | None = None,
+    ) -> None:
+        """Add one batch: its current labels, the model's refine output, the written labels
+        and (when the update has them) the JSM weights as written (float32 (B, 2))."""
         s = self.sums
         new = out["label"].float()
         old = batch[schema.LABEL].float()
@@ -105,7 +112,7 @@ class RefineAccumulator:
         if has_gt is not None and bool(has_gt.all()) and self.n_eval < self.label_eval_max:
             take = min(b, self.label_eval_max - self.n_eval)
             cand = out.get("candidate")
-            w_d = None if conf is None else conf.float().cpu().numpy().astype(np.float32)[:take, 1]
+            w_d = None if conf_np is None else conf_np[:take, 1]
             self.evals.append(
                 (
                     to_label_size(old[:take], self.label_size),
