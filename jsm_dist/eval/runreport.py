@@ -41,6 +41,9 @@ LABEL_COLS = (
     "maxF",
     "MAE",
     "fg",
+    "main off",
+    "any off",
+    "mass out",
     "w_g mean",
     "w_g std",
     "text conf",
@@ -90,6 +93,9 @@ def _q(q: dict) -> dict:
         "Sm": q.get("Sm", math.nan),
         "maxF": q.get("maxF", math.nan),
         "MAE": q.get("MAE", math.nan),
+        "main off": q.get("main_off", math.nan),
+        "any off": q.get("any_off", math.nan),
+        "mass out": q.get("mass_out", math.nan),
     }
 
 
@@ -257,7 +263,11 @@ def build_report(run: Path, eval_corpus: str | None, out: Path) -> Path:
         "",
         (
             "Generation 0 = handcrafted CDCP labels. `fg` = mean fraction of pixels > 0.5 "
-            "(watch for shrinking labels: MAE alone rewards them). `w_g` = JSM weight of the "
+            "(watch for shrinking labels: MAE alone rewards them). Is the label on the right "
+            "object (components of label > 0.5, 8-connected; off-object = under 30% of its "
+            "pixels inside the GT): `main off` = share of images whose largest component is "
+            "off-object, `any off` = share with any off-object component, `mass out` = share "
+            "of the label mass outside the GT. `w_g` = JSM weight of the "
             "current label vs the depth-refined candidate; `text conf` = mean probability the "
             "text network gives the salient word (the GT-free selection signal). "
             "`favours better` = share of samples whose update weighted the candidate with "

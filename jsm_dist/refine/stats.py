@@ -4,8 +4,8 @@ at the end, the protocol PySODMetrics uses) and the ``RefineStats`` it hands bac
 Per rank the accumulator keeps named running sums (samples, label change, foreground
 fractions, JSM weights, text confidence, carried-over samples) and, for up to
 ``label_eval_max`` samples with GT, the arrays the GT diagnostics need. ``get_results``
-is collective: it sums over ranks, and rank 0 scores generation g and g+1 against GT and
-checks whether the update favoured the better candidate (:func:`candidate_choice`).
+is collective: it sums over ranks, and rank 0 scores generation g and g+1 against GT (the
+SOD metrics and whether the label sits on the right object, eval/objects.py) and checks whether the update favoured the better candidate (:func:`candidate_choice`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from jsm_dist import dist, schema
 from jsm_dist.eval.metrics import evaluate_arrays, smeasure_per_image
+from jsm_dist.eval.objects import object_diagnostics
 
 
 @dataclass
@@ -171,8 +172,8 @@ class RefineAccumulator:
         new_a = np.concatenate([p[1] for p in pairs])[:cap]
         gt_a = np.concatenate([p[2] for p in pairs])[:cap]
         q_old, sm_old = evaluate_arrays(old_a, gt_a, per_image_sm=True)
-        stats.quality_old = _scalar_metrics(q_old)
-        stats.quality_new = _scalar_metrics(evaluate_arrays(new_a, gt_a))
+        stats.quality_old = _scalar_metrics(q_old) | _objects(old_a, gt_a)
+        stats.quality_new = _scalar_metrics(evaluate_arrays(new_a, gt_a)) | _objects(new_a, gt_a)
         if all(p[3] is not None and p[4] is not None for p in pairs):
             cand_a = np.concatenate([p[3] for p in pairs])[:cap]
             w_d = np.concatenate([p[4] for p in pairs])[:cap]
@@ -214,6 +215,12 @@ def candidate_choice(
         "S_old": float(s[0].mean()),
         "S_cand": float(s[1].mean()),
     }
+
+
+def _objects(labels: np.ndarray, gts: np.ndarray) -> dict:
+    """Is the label on the right object (eval/objects.py): main_off, any_off, mass_out."""
+    d = object_diagnostics(labels, gts)
+    return {k: d[k] for k in ("main_off", "any_off", "mass_out")}
 
 
 def _scalar_metrics(res: dict) -> dict:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from helpers import all_ids, garble_member, label_value, make_tiny_corpus
 from refine_stub import (
     IdModel,
@@ -15,6 +16,7 @@ from refine_stub import (
     stub_weights,
 )
 
+from jsm_dist import schema
 from jsm_dist.eval.metrics import image_stats, smeasure_per_image
 from jsm_dist.labels import LabelStore
 from jsm_dist.refine.refinement import refine_labels
@@ -111,3 +113,35 @@ def test_refine_pass_writes_every_sample_its_own_label_and_side_columns(tmp_path
         assert stats.w_g_mean == pytest.approx(w_g.mean()) and stats.w_g_std > 0
     assert _files(store.gen_dir(0)) == gen0  # a committed generation is never written again
     assert store.generations == [0, 1, 2]
+
+
+def test_pass_statistics_say_whether_labels_sit_on_the_object():
+    """quality_old / quality_new carry eval/objects.py's diagnostics of exactly the labels
+    the pass read and wrote, against GT."""
+    from jsm_dist.eval.objects import object_diagnostics
+    from jsm_dist.refine.stats import RefineAccumulator, to_label_size
+
+    rng = np.random.default_rng(0)
+    gt = torch.zeros(6, 1, 16, 16)
+    gt[:, :, 4:10, 4:10] = 1.0
+    old = torch.zeros_like(gt)
+    old[:3, :, 0:3, :] = 1.0  # three labels on the wrong object ...
+    old[3:, :, 4:10, 4:10] = 1.0  # ... three on the right one
+    new = (old + torch.from_numpy(rng.uniform(0, 0.3, old.shape)).float()).clamp(0, 1)
+    new[0, :, 0:3, :] = 0.0  # the update repairs one
+    new[0, :, 4:10, 4:10] = 1.0
+    acc = RefineAccumulator((16, 16), 100, 0)
+    batch = {schema.LABEL: old, schema.GT: gt, schema.HAS_GT: torch.ones(6, dtype=torch.bool)}
+    new_u8 = to_label_size(new, (16, 16))
+    acc.step(batch, {"label": new}, new_u8)
+    stats = acc.get_results(1)
+    gt_u8 = to_label_size(gt, (16, 16))
+    for q, labels in (
+        (stats.quality_old, to_label_size(old, (16, 16))),
+        (stats.quality_new, new_u8),
+    ):
+        want = object_diagnostics(labels, gt_u8)
+        for k in ("main_off", "any_off", "mass_out"):
+            assert q[k] == pytest.approx(want[k])
+    assert stats.quality_old["main_off"] == pytest.approx(0.5)
+    assert stats.quality_new["main_off"] == pytest.approx(2 / 6)
