@@ -67,6 +67,12 @@ class TrainConfig:
         check=at_least(0),
     )
     weight_decay: float = setting(0.0, "Adam weight decay", check=at_least(0))
+    decoder_lr: float = setting(
+        0.0,
+        "learning rate of the saliency/depth decoders (all but the shared stem and the "
+        "attention branch's encoder stages); 0 = lr (reference)",
+        check=at_least(0),
+    )
     text_fit_epochs: int = setting(
         0,
         "> 0: before each refinement, fit a copy of the text network this many epochs on "
@@ -75,6 +81,13 @@ class TrainConfig:
         check=at_least(0),
     )
     text_fit_lr: float = setting(1e-3, "Adam learning rate of the text fitting", check=above(0))
+    text_fit_negatives: int = setting(
+        0,
+        "text fitting: up to this many other objects per sample (regions away from the "
+        "salient one, refine/regions.py) trained as 'negative' besides the background; "
+        "0 = the reference pair only",
+        check=at_least(0),
+    )
     text_fit_max_samples: int = setting(
         20000,
         "cap on the samples cached for the text fitting (all ranks; whole shards; 0 = all)",

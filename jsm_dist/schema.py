@@ -76,6 +76,9 @@ class RefineOutput(TypedDict, total=False):
     candidate: Any  # (B, 1, H, W): the depth-refined candidate L_d (BNS)
     conf: Any  # (B, 2) float32: the JSM weights (w_g, w_d)
     text_conf: Any  # (B,): the text network's probability of the salient word (GT-free)
+    # region repair (model.label_update = "regions"), (B,) each:
+    region_repaired: Any  # bool: the image's label was restricted to its chosen regions
+    region_added: Any  # bool: the best region is not a component of the current label
 
 
 class SampleMeta(TypedDict, total=False):

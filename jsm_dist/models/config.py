@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
@@ -67,6 +68,37 @@ class ModelConfig:
     unsup_weight_d: float = setting(
         0.5, "unsupervised update: fixed w_d (w_g = 1 - w_d)", check=within(0.0, 1.0)
     )
+    label_update: Literal["blend", "regions"] = setting(
+        "blend",
+        "label update: blend = the paper's w_g L_g + w_d L_d (reference) | regions = choose "
+        "the object first (region repair, refine/regions.py), then the same blend inside it",
+    )
+    region_score: Literal["text", "saliency"] = setting(
+        "text",
+        "region repair score: text = the text network's odds of the salient word vs negative "
+        "| saliency = log-odds of the saliency network's mean probability in the region (the "
+        "text-free counterpart; always used without a text network or a salient word)",
+    )
+    region_max: int = setting(8, "region repair: candidate regions per image", check=at_least(1))
+    region_min_area: float = setting(
+        0.004, "region repair: smallest region, fraction of the image", check=within(0.0, 1.0)
+    )
+    region_max_area: float = setting(
+        0.5, "region repair: largest region, fraction of the image", check=within(0.0, 1.0)
+    )
+    region_keep_margin: float = setting(
+        1.0,
+        "region repair: also keep current-label components scoring within this of the best",
+        check=at_least(0.0),
+    )
+    region_min_score: float = setting(
+        float("-inf"),
+        "region repair: repair only images whose best region scores above this (-inf: all)",
+        check=(lambda v: not math.isnan(v), "must be a number (-inf = repair every image)"),
+    )
+    region_grow: int = setting(
+        2, "region repair: pixels the kept regions are grown by", check=at_least(0)
+    )
     sample_weighting: bool = setting(
         False, "the reference's unused per-sample softmax(1 - BCE) loss weight"
     )
@@ -101,6 +133,24 @@ class ModelConfig:
                 f"invalid setting model.text_hidden={self.text_hidden!r}: must be divisible by "
                 f"model.text_heads ({self.text_heads})"
             )
+        if self.region_min_area >= self.region_max_area:
+            raise ValueError(
+                f"invalid setting model.region_min_area={self.region_min_area!r}: must be below "
+                f"model.region_max_area ({self.region_max_area})"
+            )
+
+    def region_params(self):
+        """The region-repair settings as :class:`jsm_dist.refine.regions.RegionParams`."""
+        from jsm_dist.refine.regions import RegionParams
+
+        return RegionParams(
+            max_regions=self.region_max,
+            min_area=self.region_min_area,
+            max_area=self.region_max_area,
+            keep_margin=self.region_keep_margin,
+            min_score=self.region_min_score,
+            grow=self.region_grow,
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -41,9 +41,12 @@ from jsm_dist.models.config import ModelConfig
 from jsm_dist.models.saliency import CPDNet
 from jsm_dist.models.ssm import SSM
 from jsm_dist.models.text import TSM
+from jsm_dist.refine import regions
 
 log = logging.getLogger(__name__)
 
+# CPDNet parameters that start from the pretrained encoder and are fine-tuned at ``lr``
+ENCODER_PARTS = ("stem.", "deep16_1.", "deep32_1.")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -178,9 +181,15 @@ class JSMModel(nn.Module):
                 scorer.train(scorer_training)
 
     @torch.no_grad()
-    def text_pooled(self, rgb: torch.Tensor) -> torch.Tensor:
+    def text_pooled(self, rgb: torch.Tensor, batch: dict | None = None, negatives: int = 0):
         """The text network's training inputs, pooled: ``masked_pool(feat, [S, 1 - S])``
-        (2, B, C) from the saliency network in eval mode (restores the mode after)."""
+        (2, B, C) from the saliency network in eval mode (restores the mode after).
+
+        ``negatives`` > 0 (needs ``batch`` with depth and label): ``negatives`` more rows,
+        (2 + negatives, B, C), pooled over other objects of the image: candidate regions
+        (refine/regions.py, from the current label, S and the depth layers) that overlap
+        neither ``S > 0.5`` nor the label by more than 10% of their area; all-zero rows
+        where an image has fewer."""
         if self.text is None:
             raise RuntimeError(f"mode {self.cfg.mode!r} has no text network")
         was_training = self.training
@@ -188,9 +197,29 @@ class JSMModel(nn.Module):
         try:
             _, det, feat = self.saliency(self._norm_rgb(rgb), feat=self.cfg.text_feature)
             s = torch.sigmoid(det)
-            return self.text.masked_pool(feat, torch.stack([s, 1.0 - s]))
+            maps = [s, 1.0 - s]
+            if negatives > 0:
+                maps += list(self._negative_regions(batch, s, negatives))
+            return self.text.masked_pool(feat, torch.stack(maps))
         finally:
             self.train(was_training)
+
+    def _negative_regions(self, batch: dict, s_prob: torch.Tensor, n: int) -> torch.Tensor:
+        """(n, B, 1, H, W) masks of up to ``n`` regions per image away from the salient one."""
+        label = batch[schema.LABEL].to(s_prob.dtype)
+        depth = batch[schema.DEPTH].to(s_prob.dtype)
+        params = self.cfg.region_params()
+        regs = regions.extract_regions(label, s_prob, torch.zeros_like(s_prob), depth, params)
+        salient = ((s_prob > 0.5) | (label > 0.5)).to(s_prob.dtype)
+        area = regs.masks.sum((-3, -2, -1))
+        overlap = (regs.masks * salient[None]).sum((-3, -2, -1))
+        away = regs.valid & (overlap <= 0.1 * area)
+        # the first n regions away from the salient one, in extraction order
+        rank = torch.cumsum(away.long(), 0) - 1
+        out = torch.zeros(n, *s_prob.shape, dtype=s_prob.dtype, device=s_prob.device)
+        k_idx, b_idx = torch.nonzero(away & (rank < n), as_tuple=True)
+        out[rank[k_idx, b_idx], b_idx] = regs.masks[k_idx, b_idx]
+        return out
 
     def _refine(self, batch: dict, text: TSM | None) -> dict[str, torch.Tensor]:
         rgb = batch[schema.RGB]
@@ -207,6 +236,9 @@ class JSMModel(nn.Module):
                 "candidate": l_d,
                 "conf": conf.float().contiguous(),
             }
+        extra = {}
+        if self.cfg.label_update == "regions":
+            l_g, l_d, extra = self._repair_regions(batch, l_g, l_d, torch.sigmoid(det), feat, text)
         if text is not None:
             logits = text(feat, torch.stack([l_g, l_d]), self._text_batch(batch, rgb.device, text))
             word = batch[schema.WORD].to(rgb.device).long()
@@ -226,7 +258,7 @@ class JSMModel(nn.Module):
             params = crf.CRFParams(size=self.cfg.crf_size, iters=self.cfg.crf_iters)
             label = crf.dense_crf(label, rgb, params, workers=self.cfg.crf_workers)
         label = label.clamp(0, 1)
-        out = {schema.LABEL: label, "candidate": l_d, "conf": conf.float().contiguous()}
+        out = {schema.LABEL: label, "candidate": l_d, "conf": conf.float().contiguous(), **extra}
         if text is not None:
             # GT-free quality signal: how surely the text network names the salient word
             # from the region the NEW label selects (used to choose a generation to stop at)
@@ -234,6 +266,27 @@ class JSMModel(nn.Module):
             word = batch[schema.WORD].to(rgb.device).long()
             out["text_conf"] = jsm.word_log_prob(logits, word)[0].exp().float()
         return out
+
+    def _repair_regions(self, batch, l_g, l_d, s_prob, feat, text):
+        """Region repair before the blend (refine/regions.py): the candidates restricted to
+        the chosen object. Returns ``(L_g', L_d', extra outputs)``."""
+        params = self.cfg.region_params()
+        depth = batch[schema.DEPTH].to(l_g.dtype)
+        regs = regions.extract_regions(l_g, s_prob, l_d, depth, params)
+        scores = regions.confidence_scores(regs, s_prob)
+        if text is not None and self.cfg.region_score == "text":
+            word = batch[schema.WORD].to(l_g.device).long()
+            logits = text(feat, regs.masks, self._text_batch(batch, l_g.device, text))
+            by_text = jsm.candidate_score(logits, word, "word_vs_negative")
+            # no salient word: no text evidence, the text-free score decides
+            scores = torch.where((word == schema.NEGATIVE_CLASS)[None], scores, by_text)
+        keep, repaired = regions.select_regions(scores, regs, params.keep_margin, params.min_score)
+        g, d, _ = regions.repair_candidates(l_g, l_d, regs, keep, repaired, params.grow)
+        best_src = regs.source.gather(
+            0, scores.masked_fill(~regs.valid, float("-inf")).argmax(0)[None]
+        )[0]
+        added = repaired & (best_src != regions.SOURCE_LABEL)
+        return g, d, {"region_repaired": repaired, "region_added": added}
 
     @torch.no_grad()
     def text_log_probs(self, batch: dict, maps: torch.Tensor) -> torch.Tensor:
@@ -271,18 +324,33 @@ class JSMModel(nn.Module):
             nets["text"] = self.text
         return nets
 
-    def param_groups(self, lr: float, **overrides: float) -> list[dict]:
+    def param_groups(
+        self, lr: float, decoder_lr: float | None = None, **overrides: float
+    ) -> list[dict]:
         """One optimizer param group per sub-network (``name`` key), all at ``lr``
         unless ``overrides`` gives a sub-network its own (e.g. ``text=5e-5``). Frozen
-        parameters are left out, and so is a sub-network with none left (the reference SSM)."""
+        parameters are left out, and so is a sub-network with none left (the reference SSM).
+
+        ``decoder_lr``: the saliency and depth networks' layers outside their shared stem
+        and attention-branch stages (RFB blocks, both aggregations, the detection branch's
+        stages) get their own group ``<net>_decoder`` at this rate (None = ``lr``): a
+        decoder trained from scratch at the encoder's fine-tuning rate underfits a short
+        run (docs/experiments.md, "Final model")."""
         unknown = set(overrides) - set(self.sub_networks())
         if unknown:
             raise ValueError(f"param_groups: unknown sub-networks {sorted(unknown)}")
         groups = []
         for name, net in self.sub_networks().items():
-            params = [p for p in net.parameters() if p.requires_grad]
-            if params:
-                groups.append({"params": params, "lr": overrides.get(name, lr), "name": name})
+            named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+            own = overrides.get(name, lr)
+            split = decoder_lr is not None and isinstance(net, CPDNet)
+            parts = {name: [p for n, p in named if not split or n.startswith(ENCODER_PARTS)]}
+            if split:
+                parts[f"{name}_decoder"] = [p for n, p in named if not n.startswith(ENCODER_PARTS)]
+            for group, params in parts.items():
+                if params:
+                    rate = decoder_lr if group.endswith("_decoder") else own
+                    groups.append({"params": params, "lr": rate, "name": group})
         return groups
 
     def clip_gradients(self, clip: float | None) -> None:

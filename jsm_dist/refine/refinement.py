@@ -65,6 +65,7 @@ def refine_step(
             seed=dist.derive_seed(cfg.train.seed, schema.SEED_TEXT_FIT, refinement),
             max_samples=cfg.train.text_fit_max_samples,
             clip=cfg.train.clip_value or None,
+            negatives=cfg.train.text_fit_negatives,
         )
     stats = refine_labels(
         model,

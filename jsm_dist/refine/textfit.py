@@ -90,7 +90,9 @@ def fit_pooled(
     """A copy of ``text`` trained ``epochs`` epochs on cached pooled features.
 
     ``pooled``: (2, N, C) = ``masked_pool(feat, [S, 1 - S])`` per sample; the loss is the
-    TSM pair (salient region -> the word, background -> class 0). ``text`` is not modified.
+    TSM pair (salient region -> the word, background -> class 0). (2 + R, N, C): R more
+    rows of other objects, each another 'negative' where not all zero
+    (:func:`batch_loss_share`). ``text`` is not modified.
     Returns the copy in eval mode and the loss of the first and last epochs.
 
     Single process (``positions`` None): these N samples are all there is. Data-parallel
@@ -218,7 +220,7 @@ def _swap_out_rows(fitted: TSM, full: nn.Embedding, rows: torch.Tensor) -> None:
 class _Part:
     """This rank's share of the fitting data (tokens None: the rank holds no samples)."""
 
-    pooled: torch.Tensor  # (2, N, C) on the fitting device
+    pooled: torch.Tensor  # (2 + R, N, C) on the fitting device (R: other-object negatives)
     tokens: TextBatch | None
     words: torch.Tensor  # (N,) on the fitting device
     positions: torch.Tensor  # (N,) CPU: places in the global order
@@ -241,7 +243,8 @@ def _fit_epochs(fitted, opt, params, part: _Part, gen, epochs, batch_size, clip,
                 idx = idx.to(device)
                 pooled, tokens = part.pooled[:, idx], part.tokens.select(idx)
                 logp = torch.log_softmax(fitted.forward_pooled(pooled, tokens), -1)
-                loss = batch_loss_share(logp, part.words[idx], n, n_word)
+                valid = pooled[2:].abs().amax(-1) > 0  # an empty region pools to zeros
+                loss = batch_loss_share(logp, part.words[idx], n, n_word, valid)
                 loss.backward()
                 loss_sum += float(loss.detach()) * n
             _reduce_grads(params, flat, clip, reduce)
@@ -278,16 +281,28 @@ def _epoch_plan(part: _Part, has_word: torch.Tensor, batch_size: int, gen, reduc
     return order, mine[0].tolist(), counts.tolist()
 
 
-def batch_loss_share(logp: torch.Tensor, word: torch.Tensor, n: int, n_word: int) -> torch.Tensor:
+def batch_loss_share(
+    logp: torch.Tensor,
+    word: torch.Tensor,
+    n: int,
+    n_word: int,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
     """This rank's share of the TSM loss of a global batch of ``n`` samples, ``n_word`` of
     them with a salient word: :func:`jsm_dist.jsm.tsm_loss` with the batch's global counts
     as denominators, so the shares of all ranks (and their gradients) sum to the loss of
-    the whole batch. ``logp`` (2, b, C), ``word`` (b,): this rank's part of the batch."""
+    the whole batch. ``logp`` (2 + R, b, C), ``word`` (b,): this rank's part of the batch.
+
+    Rows 2.. are other objects (``train.text_fit_negatives``), each a further 'negative'
+    example where ``valid`` (R, b) says the image has one: ``neg = -(sum_b log p(0 | bg_b)
+    + sum_{r,b valid} log p(0 | region_rb)) / n`` (R = 0: the reference pair)."""
     has_word = word != 0
     pos = logp[0].gather(1, word[:, None].long())[:, 0]
     pos_nll = -(pos * has_word).sum() / max(n_word, 1)
-    neg_nll = -logp[1, :, 0].sum() / n
-    return (pos_nll + neg_nll) / 2.0
+    neg = logp[1, :, 0].sum()
+    if logp.shape[0] > 2 and valid is not None:
+        neg = neg + (logp[2:, :, 0] * valid).sum()
+    return (pos_nll - neg / n) / 2.0
 
 
 def _reduce_grads(params, flat: torch.Tensor, clip: float | None, reduce) -> None:
@@ -371,12 +386,18 @@ def global_positions(
 
 
 def collect_pooled(
-    model, corpus: Corpus, data_cfg: DataConfig, device: torch.device, max_samples: int = 0
+    model,
+    corpus: Corpus,
+    data_cfg: DataConfig,
+    device: torch.device,
+    max_samples: int = 0,
+    negatives: int = 0,
 ) -> dict:
-    """This rank's cache: pooled ``[S, 1 - S]`` features of the shards it owns (eval mode).
+    """This rank's cache: pooled ``[S, 1 - S]`` (+ ``negatives`` other-object regions)
+    features of the shards it owns (eval mode).
 
     ``max_samples`` (> 0) caps the cache per rank, rounded up to whole shards
-    (:func:`capped_shards`). Returns numpy/list fields keyed ``pooled`` (N, 2, C) float32,
+    (:func:`capped_shards`). Returns numpy/list fields keyed ``pooled`` (N, 2 + negatives, C) float32,
     ``caption``, ``word_pos``, ``word``, ``shard``, ``index``.
     """
     world = dist.world_info()
@@ -387,7 +408,7 @@ def collect_pooled(
     try:
         for batch in make_eval_loader(corpus, data_cfg, world=world, shards=shards):
             batch = to_float(batch, device)
-            pooled = model.text_pooled(batch[schema.RGB])  # (2, B, C)
+            pooled = model.text_pooled(batch[schema.RGB], batch, negatives)  # (2 + R, B, C)
             out["pooled"].append(pooled.transpose(0, 1).float().cpu().numpy())
             out["caption"] += list(batch[schema.CAPTION])
             for key, name in (
@@ -406,7 +427,7 @@ def collect_pooled(
         if k != "caption"
     }
     if not out["pooled"]:
-        cat["pooled"] = np.zeros((0, 2, c), np.float32)
+        cat["pooled"] = np.zeros((0, 2 + negatives, c), np.float32)
     cat["caption"] = out["caption"]
     return cat
 
@@ -422,16 +443,19 @@ def fit_scorer(
     seed: int,
     max_samples: int = 0,
     clip: float | None = None,
+    negatives: int = 0,
 ) -> tuple[TSM, FitStats]:
     """Collective: every rank caches its shards and fits the same scorer, data-parallel.
 
     ``model`` is the unwrapped weak-mode ``JSMModel``. ``max_samples`` caps the cache over
     all ranks, split evenly and rounded up to whole shards (0 = every sample). ``clip``:
     gradient value clipping of the fit (the run's ``train.clip_value``; None = off).
+    ``negatives``: other-object regions per sample trained as 'negative'
+    (``train.text_fit_negatives``; :meth:`JSMModel.text_pooled`).
     """
     world = dist.world_info()
     per_rank = -(-max_samples // world.world_size) if max_samples > 0 else 0
-    mine = collect_pooled(model, corpus, data_cfg, device, per_rank)
+    mine = collect_pooled(model, corpus, data_cfg, device, per_rank, negatives)
     order = np.lexsort((mine["index"], mine["shard"]))  # a fixed order within the rank
     positions, total = global_positions(
         corpus, world.world_size, per_rank, mine["shard"][order], mine["index"][order]

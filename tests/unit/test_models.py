@@ -389,6 +389,21 @@ def test_param_groups_cover_every_parameter_once():
         model.param_groups(1e-4, vision=1.0)
 
 
+def test_decoder_lr_splits_the_image_networks_into_encoder_and_decoder_groups():
+    model = JSMModel(tiny_cfg(), VOCAB)
+    groups = model.param_groups(1e-4, 1e-3, text=5e-5)
+    names = [g["name"] for g in groups]
+    assert names == ["saliency", "saliency_decoder", "depth", "depth_decoder", "ssm", "text"]
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    rate = {id(p): g["lr"] for g in groups for p in g["params"]}
+    for net in (model.saliency, model.depth):
+        for n, p in net.named_parameters():
+            fine_tuned = n.startswith(("stem.", "deep16_1.", "deep32_1."))
+            assert rate[id(p)] == (1e-4 if fine_tuned else 1e-3), n
+    assert all(rate[id(p)] == 5e-5 for p in model.text.parameters())
+
+
 def test_clip_gradients_by_value(batch):
     model = JSMModel(tiny_cfg(), VOCAB)
     model(batch)["loss"].backward()

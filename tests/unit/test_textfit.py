@@ -257,3 +257,32 @@ def test_state_digest_sees_one_changed_weight():
     with torch.no_grad():
         twin.head[1].bias[0] += 1e-7
     assert state_digest(twin) != state_digest(model.text)
+
+
+def test_other_object_negatives_add_one_negative_term_each():
+    """batch_loss_share with region rows: a direct transcription, sample by sample; rows
+    marked invalid (images with fewer regions) contribute nothing; shares still sum."""
+    g = torch.Generator().manual_seed(3)
+    logp = torch.log_softmax(torch.randn(5, 7, 9, generator=g), -1)  # 2 + 3 region rows
+    words = torch.tensor([1, 2, 0, 4, 5, 6, 7])
+    valid = torch.rand(3, 7, generator=g) > 0.4
+    n, n_word = 7, 6
+    pos = -sum(float(logp[0, b, words[b]]) for b in range(n) if words[b] != 0) / n_word
+    neg = (
+        -sum(
+            float(logp[1, b, 0]) + sum(float(logp[2 + r, b, 0]) for r in range(3) if valid[r, b])
+            for b in range(n)
+        )
+        / n
+    )
+    whole = batch_loss_share(logp, words, n, n_word, valid)
+    assert float(whole) == pytest.approx((pos + neg) / 2, rel=1e-5)
+    parts = [
+        batch_loss_share(logp[:, s], words[s], n, n_word, valid[:, s])
+        for s in (slice(0, 3), slice(3, 7))
+    ]
+    torch.testing.assert_close(sum(parts), whole)
+    # no region rows: the reference pair
+    torch.testing.assert_close(
+        batch_loss_share(logp[:2], words, n, n_word), jsm.tsm_loss(logp[:2], words)
+    )
