@@ -1,9 +1,18 @@
 """Mode ablation: label quality per generation and the final RGB-only model, per setting.
 
-    python -m benchmarks.ablation [--corpus DIR] [--out runs/ablation] [--epochs 6]
+    python -m benchmarks.ablation [--corpus DIR] [--out runs/ablation] [--seeds 0,1]
+                                  [--variants blend,regions-notext,regions-text]
 
 Packs a synthetic corpus with a held-out split (unless ``--corpus`` names one packed with
-``--holdout``), then trains once per variant with ``accelerate launch`` (2 CPU processes):
+``--holdout``; the demo's corpus is ``shards/demo``), then trains once per variant and seed
+with ``accelerate launch`` (2 CPU processes), every run with ``configs/demo.yaml`` (the demo's
+budget) unless options override it. Label-update variants (the default set):
+
+- ``blend``           the paper's update: w_g L_g + w_d L_d, text-weighted (reference)
+- ``regions-notext``  region repair, regions scored by the saliency network's confidence
+- ``regions-text``    region repair, regions scored by the text network
+
+Older mode variants:
 
 - ``weak``          JSM: text-weighted update (captions), reference post-processing + CRF;
                     the candidates are scored by a text network fitted ``--text-fit-epochs``
@@ -50,7 +59,20 @@ VARIANTS = {
     ],
     "unsupervised": ["--model.mode", "unsupervised"],
     "none": ["--model.mode", "weak", "--tau", "0"],
-}
+    # the label-update comparison (the README's results table): the paper's blend, region
+    # repair scored without text (saliency confidence), region repair scored by the text
+    # network; everything else as in configs/demo.yaml
+    "blend": ["--model.mode", "weak", "--model.label_update", "blend"],
+    "regions-notext": [
+        "--model.mode", "weak", "--model.label_update", "regions",
+        "--model.region_score", "saliency",
+    ],
+    "regions-text": [
+        "--model.mode", "weak", "--model.label_update", "regions",
+        "--model.region_score", "text",
+    ],
+}  # fmt: skip
+UPDATE_VARIANTS = ("blend", "regions-notext", "regions-text")
 
 
 def _fmt(v) -> str:
@@ -69,19 +91,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/ablation", help="output directory")
     p.add_argument("--samples", type=int, default=480, help="synthetic scenes when packing")
     p.add_argument("--size", type=int, default=128, help="image and train size")
-    p.add_argument("--epochs", type=int, default=6, help="epochs per variant")
-    p.add_argument("--tau", type=int, default=2, help="refine every tau epochs")
+    p.add_argument("--config", default="configs/demo.yaml", help="training config of every run")
+    p.add_argument("--epochs", type=int, default=None, help="train.epochs (default: the config's)")
+    p.add_argument("--tau", type=int, default=None, help="train.tau (default: the config's)")
     p.add_argument("--procs", type=int, default=2, help="processes per run")
-    p.add_argument("--lr", type=float, default=5e-4, help="train.lr of every variant")
-    p.add_argument("--encoder", default="efficientnet_lite0", help="model.encoder")
+    p.add_argument("--lr", type=float, default=None, help="train.lr (default: the config's)")
+    p.add_argument("--encoder", default=None, help="model.encoder (default: the config's)")
     p.add_argument(
         "--text-fit-epochs",
         type=int,
-        default=30,
-        help="train.text_fit_epochs of the weak variants (weak-nofit: 0)",
+        default=None,
+        help="train.text_fit_epochs of the weak variants (default: the config's; weak-nofit: 0)",
     )
-    p.add_argument("--seed", type=int, default=0, help="train.seed of every variant")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants")
+    p.add_argument("--seeds", default="0", help="comma-separated train.seed values; one run each")
+    p.add_argument(
+        "--variants",
+        default=",".join(UPDATE_VARIANTS),
+        help=f"comma-separated, from {', '.join(VARIANTS)}",
+    )
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -109,22 +136,33 @@ def main(argv: list[str] | None = None) -> int:
     from jsm_dist.eval import runreport
 
     table, models, notes = [], [], []
+    finals: dict[str, list[dict]] = {}  # variant -> per seed: last generation + held-out
     # the run report's label columns, less the per-pass ones that do not compare variants
     cols = [
         c
         for c in runreport.LABEL_COLS
         if c not in ("generation", "L_d better", "change", "carried over")
     ]
-    for name in [v for v in args.variants.split(",") if v]:
+    optional = [
+        (args.epochs, "--epochs"), (args.tau, "--tau"), (args.lr, "--lr"),
+        (args.encoder, "--model.encoder"), (args.text_fit_epochs, "--text_fit_epochs"),
+    ]  # fmt: skip
+    runs = [
+        (v, int(seed))
+        for seed in args.seeds.split(",")
+        if seed
+        for v in args.variants.split(",")
+        if v
+    ]
+    for variant, seed in runs:
+        name = f"{variant}-s{seed}"
         run = out / name
         shutil.rmtree(run, ignore_errors=True)  # a new run (training refuses to overwrite one)
         train_args = [
-            "--corpus", str(root / "train"), "--out_dir", str(run), "--epochs", str(args.epochs),
-            "--tau", str(args.tau), "--model.encoder", args.encoder, "--data.train_size",
-            str(args.size), "--data.batch_size", "8", "--data.num_workers", "1",
-            "--tensorboard", "false", "--lr", str(args.lr),
-            "--text_fit_epochs", str(args.text_fit_epochs), "--seed", str(args.seed),
-            *VARIANTS[name],
+            "--config", args.config, "--corpus", str(root / "train"), "--out_dir", str(run),
+            "--data.train_size", str(args.size), "--tensorboard", "false", "--seed", str(seed),
+            *(x for v, flag in optional if v is not None for x in (flag, str(v))),
+            *VARIANTS[variant],
         ]  # fmt: skip
         cmd, env = local_launch(args.procs, train_args)
         t0 = time.perf_counter()
@@ -147,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         held = summary.get("heldout", {}).get("JSM model (RGB only)", {})
         base = summary.get("heldout", {}).get("CDCP initial labels (RGB-D)", {})
+        if rows:
+            finals.setdefault(variant, []).append(
+                {"first": rows[0], "last": rows[-1], "held": held, "base": base, "seed": seed}
+            )
         models.append(
             [
                 name,
@@ -170,10 +212,58 @@ def main(argv: list[str] | None = None) -> int:
     hdr2 = ["variant", "Sm", "maxF", "MAE", "CDCP Sm", "CDCP maxF", "CDCP MAE"]
     lines += ["| " + " | ".join(hdr2) + " |", "|" + "---|" * len(hdr2)]
     lines += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in models]
+    lines += ["", *summary_table(finals)]
     text = "\n".join(lines) + "\n"
     (out / "ablation.md").write_text(text)
     print(text)
     return 0
+
+
+def _mean(xs: list) -> float:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def summary_table(finals: dict[str, list[dict]]) -> list[str]:
+    """Means over seeds: the initial labels, then each variant's last generation and its
+    held-out model (CDCP's held-out S-measure beside it); and, per seed, the text's gain
+    (regions-text minus regions-notext, last-generation label Sm)."""
+    if not finals:
+        return []
+    hdr = ["labels", "seeds", "label Sm", "label maxF", "main off", "held-out Sm",
+           "held-out maxF", "held-out MAE", "CDCP held-out Sm"]  # fmt: skip
+    out = [
+        "## Summary (means over seeds)",
+        "",
+        "| " + " | ".join(hdr) + " |",
+        "|" + "---|" * len(hdr),
+    ]
+    any_runs = next(iter(finals.values()))
+    first = [r["first"] for r in any_runs]
+    base = [r["base"] for r in any_runs]
+    out.append("| " + " | ".join(_fmt(c) for c in [
+        "initial (CDCP)", len(first), _mean([f.get("Sm") for f in first]),
+        _mean([f.get("maxF") for f in first]), _mean([f.get("main off") for f in first]),
+        _mean([b.get("Sm") for b in base]), _mean([b.get("maxF") for b in base]),
+        _mean([b.get("MAE") for b in base]), _mean([b.get("Sm") for b in base]),
+    ]) + " |")  # fmt: skip
+    for variant, rs in finals.items():
+        out.append("| " + " | ".join(_fmt(c) for c in [
+            variant, len(rs), _mean([r["last"].get("Sm") for r in rs]),
+            _mean([r["last"].get("maxF") for r in rs]),
+            _mean([r["last"].get("main off") for r in rs]),
+            _mean([r["held"].get("Sm") for r in rs]), _mean([r["held"].get("maxF") for r in rs]),
+            _mean([r["held"].get("MAE") for r in rs]), _mean([r["base"].get("Sm") for r in rs]),
+        ]) + " |")  # fmt: skip
+    text = {r["seed"]: r["last"].get("Sm") for r in finals.get("regions-text", [])}
+    notext = {r["seed"]: r["last"].get("Sm") for r in finals.get("regions-notext", [])}
+    both = sorted(set(text) & set(notext))
+    if both:
+        gains = [text[s] - notext[s] for s in both]
+        out += ["", "Text gain (regions-text minus regions-notext, last-generation label Sm): "
+                + ", ".join(f"seed {s}: {g:+.3f}" for s, g in zip(both, gains))
+                + f"; mean {_mean(gains):+.3f}"]  # fmt: skip
+    return out
 
 
 if __name__ == "__main__":
