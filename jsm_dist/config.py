@@ -67,11 +67,11 @@ class TrainConfig:
         check=at_least(0),
     )
     weight_decay: float = setting(0.0, "Adam weight decay", check=at_least(0))
-    decoder_lr: float = setting(
-        0.0,
+    decoder_lr_mult: float = setting(
+        10.0,
         "learning rate of the saliency/depth decoders (all but the shared stem and the "
-        "attention branch's encoder stages); 0 = lr (reference)",
-        check=at_least(0),
+        "attention branch's encoder stages) = lr x this; 1 = the reference's single rate",
+        check=above(0),
     )
     text_fit_epochs: int = setting(
         0,

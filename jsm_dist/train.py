@@ -126,7 +126,11 @@ def build_optimizer(cfg: Config, model, steps_total: int):
     inner = getattr(model, "module", model)
     overrides = {"text": cfg.train.text_lr} if cfg.train.text_lr and inner.text is not None else {}
     opt = torch.optim.Adam(
-        inner.param_groups(cfg.train.lr, cfg.train.decoder_lr or None, **overrides),
+        inner.param_groups(
+            cfg.train.lr,
+            None if cfg.train.decoder_lr_mult == 1 else cfg.train.lr * cfg.train.decoder_lr_mult,
+            **overrides,
+        ),
         lr=cfg.train.lr,
         weight_decay=cfg.train.weight_decay,
     )

@@ -31,6 +31,12 @@ class ModelConfig:
         "CPD channel width; the visual feature map has 3x this (reference 32 -> 96)",
         check=at_least(1),
     )
+    saliency_prior: float = setting(
+        0.1,
+        "start the saliency network's output at this foreground probability (output bias "
+        "logit(prior)); 0 = PyTorch's default init (reference)",
+        check=within(0.0, 1.0, hi_open=True),
+    )
     depth_input: Literal["rgb", "depth"] = setting(
         "rgb", "depth network input: rgb (reference) or depth (replicated x3)"
     )

@@ -75,6 +75,8 @@ class JSMModel(nn.Module):
             )
 
         self.saliency = cpd()
+        if cfg.saliency_prior > 0:
+            self.saliency.init_output_bias(cfg.saliency_prior)
         self.depth = cpd()
         self.ssm = SSM(
             cfg.gauss_size,

@@ -14,6 +14,8 @@ reference) follows the code.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -123,6 +125,16 @@ class CPDNet(nn.Module):
         self.ha = HolisticAttention(gauss_size, gauss_nsig, gauss_mode)
         self.feat_channels = 3 * channel
         self.encoder_channels = parts.channels
+
+    def init_output_bias(self, prior: float) -> None:
+        """Start both branches' logits at ``logit(prior)`` (output-layer bias; the weights
+        keep their init). A saliency map is mostly background: from PyTorch's default
+        bias (about 0) the network first spends its steps pushing every pixel down, and a
+        short run ends with a grey background (docs/experiments.md, "Final model")."""
+        if not 0.0 < prior < 1.0:
+            raise ValueError(f"prior must be in (0, 1), got {prior}")
+        for agg in (self.agg1, self.agg2):
+            nn.init.constant_(agg.conv5.bias, math.log(prior / (1.0 - prior)))
 
     def feature_channels(self, kind: str) -> int:
         """Channels of :meth:`forward`'s third output for ``feat=kind``."""

@@ -21,11 +21,13 @@ salient one, a bright window) neither candidate fixes it. Region repair adds a c
 3. **Selection** (:func:`select_regions`): the best-scoring region is kept; so is every
    component of the current label that scores within ``keep_margin`` of it (more than one
    salient object). Everything else is dropped.
-4. **Repair** (:func:`repair_candidates`): ``M`` = union of the kept regions, grown by
-   ``grow`` pixels (soft edges survive). ``L_g' = max(L_g, A) * M`` where ``A`` is the kept
+4. **Repair** (:func:`repair_candidates`): ``D`` = the dropped regions, less the kept ones
+   grown by ``grow`` pixels. ``L_g' = max(L_g, A) * (1 - D)`` where ``A`` is the kept
    regions' own soft source map (``S``, ``L_d`` or the binary depth layer): a kept region
-   the current label missed is *added*; ``L_d' = L_d * M``. The paper's blend, its
-   post-processing and the CRF then run on ``(L_g', L_d')`` unchanged.
+   the current label missed is *added*, a dropped one is cleared; ``L_d' = L_d * (1 - D)``.
+   Pixels in no region keep their values, so the blend can still grow the object's extent.
+   The paper's blend, its post-processing and the CRF then run on ``(L_g', L_d')``
+   unchanged.
 
 An image whose best region scores no better than ``min_score`` (no region the text network
 names; or no region at all) keeps the plain blend: nothing is dropped on weak evidence.
@@ -190,19 +192,23 @@ def repair_candidates(
     repaired: torch.Tensor,
     grow: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(L_g', L_d', M)`` of the module docstring, (B, 1, H, W) each.
+    """``(L_g', L_d', D)`` of the module docstring, (B, 1, H, W) each.
 
-    ``M`` = union of the kept regions grown by ``grow`` px (max-pool); ``L_g' = max(L_g,
-    A) * M`` with ``A`` = the kept regions' soft source maps; ``L_d' = L_d * M``. Images with
-    ``repaired`` False get ``M = 1`` and their inputs back unchanged.
+    ``K`` = union of the kept regions, ``D`` = union of the dropped (valid, not kept)
+    regions minus ``K`` grown by ``grow`` px (max-pool), so an object's own pixels are never
+    dropped because a larger region (a depth layer with the floor) contained them.
+    ``L_g' = max(L_g, A) * (1 - D)`` with ``A`` = the kept regions' soft source maps (a
+    kept region the label missed is added); ``L_d' = L_d * (1 - D)``. Images with
+    ``repaired`` False get ``D = 0`` and their inputs back unchanged.
     """
     k = keep[:, :, None, None, None].to(l_g.dtype)
-    union = (regions.masks * k).amax(0)  # (B, 1, H, W)
+    dropped = (regions.valid & ~keep)[:, :, None, None, None].to(l_g.dtype)
+    kept = (regions.masks * k).amax(0)  # (B, 1, H, W)
     added = (regions.soft * k).amax(0)
     if grow > 0:
-        union = F.max_pool2d(union, 2 * grow + 1, stride=1, padding=grow)
+        kept = F.max_pool2d(kept, 2 * grow + 1, stride=1, padding=grow)
+    drop = (regions.masks * dropped).amax(0) * (1.0 - kept)
     r = repaired[:, None, None, None]
-    m = torch.where(r, union, torch.ones_like(union))
-    g = torch.where(r, torch.maximum(l_g, added) * m, l_g)
-    d = torch.where(r, l_d * m, l_d)
-    return g, d, m
+    drop = torch.where(r, drop, torch.zeros_like(drop))
+    g = torch.where(r, torch.maximum(l_g, added), l_g) * (1.0 - drop)
+    return g, l_d * (1.0 - drop), drop

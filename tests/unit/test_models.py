@@ -404,6 +404,24 @@ def test_decoder_lr_splits_the_image_networks_into_encoder_and_decoder_groups():
     assert all(rate[id(p)] == 5e-5 for p in model.text.parameters())
 
 
+def test_saliency_prior_sets_the_starting_output(batch):
+    """model.saliency_prior: both saliency branches start at logit(prior); the depth
+    network and prior 0 keep PyTorch's init."""
+    torch.manual_seed(0)
+    ref = JSMModel(tiny_cfg(saliency_prior=0.0), VOCAB)
+    torch.manual_seed(0)
+    model = JSMModel(tiny_cfg(saliency_prior=0.1), VOCAB)
+    for agg in (model.saliency.agg1, model.saliency.agg2):
+        assert float(agg.conv5.bias) == pytest.approx(math.log(0.1 / 0.9))
+    torch.testing.assert_close(model.depth.state_dict(), ref.depth.state_dict())
+    assert float(ref.saliency.agg2.conv5.bias) != pytest.approx(math.log(0.1 / 0.9))
+    # the prior moves the untrained network's mean prediction down towards it
+    p_ref, p = ref.predict(batch[schema.RGB]).mean(), model.predict(batch[schema.RGB]).mean()
+    assert p < p_ref and p < 0.3
+    with pytest.raises(ValueError, match="saliency_prior"):
+        tiny_cfg(saliency_prior=1.0)
+
+
 def test_clip_gradients_by_value(batch):
     model = JSMModel(tiny_cfg(), VOCAB)
     model(batch)["loss"].backward()

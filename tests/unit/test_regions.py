@@ -125,23 +125,27 @@ def test_selection_matches_a_per_image_loop(seed, margin, min_score):
 
 
 def slow_repair(l_g, l_d, regs, keep, repaired, grow):
-    g, d, m = l_g.clone(), l_d.clone(), torch.ones_like(l_g)
+    g, d, drop_all = l_g.clone(), l_d.clone(), torch.zeros_like(l_g)
     for j in range(l_g.shape[0]):
         if not repaired[j]:
             continue
-        union = np.zeros((H, W), bool)
+        kept = np.zeros((H, W), bool)
+        dropped = np.zeros((H, W), bool)
         added = np.zeros((H, W), np.float32)
         for i in range(regs.masks.shape[0]):
+            m = regs.masks[i, j, 0].numpy() > 0
             if keep[i, j]:
-                union |= regs.masks[i, j, 0].numpy() > 0
+                kept |= m
                 added = np.maximum(added, regs.soft[i, j, 0].numpy())
+            elif regs.valid[i, j]:
+                dropped |= m
         if grow:  # every pixel within a (2 grow + 1) square of a kept pixel
-            union = ndimage.binary_dilation(union, np.ones((2 * grow + 1,) * 2, bool))
-        mm = torch.from_numpy(union.astype(np.float32))
-        m[j, 0] = mm
-        g[j, 0] = torch.maximum(l_g[j, 0], torch.from_numpy(added)) * mm
-        d[j, 0] = l_d[j, 0] * mm
-    return g, d, m
+            kept = ndimage.binary_dilation(kept, np.ones((2 * grow + 1,) * 2, bool))
+        drop = torch.from_numpy((dropped & ~kept).astype(np.float32))
+        drop_all[j, 0] = drop
+        g[j, 0] = torch.maximum(l_g[j, 0], torch.from_numpy(added)) * (1 - drop)
+        d[j, 0] = l_d[j, 0] * (1 - drop)
+    return g, d, drop_all
 
 
 @pytest.mark.parametrize("seed", range(5))
