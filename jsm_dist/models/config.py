@@ -32,7 +32,7 @@ class ModelConfig:
         check=at_least(1),
     )
     saliency_prior: float = setting(
-        0.1,
+        0.0,
         "start the saliency network's output at this foreground probability (output bias "
         "logit(prior)); 0 = PyTorch's default init (reference)",
         check=within(0.0, 1.0, hi_open=True),
