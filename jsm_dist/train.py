@@ -29,7 +29,7 @@ from jsm_dist.data import remote
 from jsm_dist.data.batching import to_float
 from jsm_dist.data.corpus import Corpus
 from jsm_dist.data.order import epoch_end, steps_between
-from jsm_dist.data.stream import balanced_split, check_shards_cover_ranks, make_train_loader
+from jsm_dist.data.stream import check_shards_cover_ranks, make_train_loader
 from jsm_dist.labels import LabelStore, LabelStoreError
 from jsm_dist.labels.runstore import plan_label_store, seed_run_store
 from jsm_dist.models import JSMModel, save_model
@@ -392,25 +392,16 @@ def _advise(cfg: Config, corpus) -> None:
     world = dist.world_info()
     if not world.is_main:
         return
-    sizes = corpus.shard_sizes
-    parts = balanced_split(
-        check_shards_cover_ranks(corpus, world.world_size), sizes, world.world_size
-    )
-    shares = [sum(sizes[s] for s in part) for part in parts]  # the loader's split, any epoch
-    if cfg.data.batch_size > min(shares):
-        # a rank fills its batches by going round its shards again: the same samples twice
-        # in one batch; with fewer samples than one step of all ranks, epochs are 1 step
-        short = cfg.data.batch_size * world.world_size > corpus.num_samples
+    per_step = cfg.data.batch_size * world.world_size
+    if per_step > corpus.num_samples:
+        # every epoch is then one step of partial batches (data/order.py), some ranks padding
         log.warning(
-            "data.batch_size=%d is larger than a rank's share of the corpus (%d samples in "
-            "whole shards over %d ranks: %s per rank): batches repeat samples%s; use "
-            "--data.batch_size %d or less",
+            "data.batch_size=%d x %d ranks is more than the corpus' %d samples: each epoch "
+            "is 1 step of smaller batches; use --data.batch_size %d or less",
             cfg.data.batch_size,
-            corpus.num_samples,
             world.world_size,
-            shares,
-            " and each epoch is 1 step" if short else "",
-            min(shares),
+            corpus.num_samples,
+            max(1, corpus.num_samples // world.world_size),
         )
     ckpt = Checkpointer(cfg.train.out_dir)
     if cfg.train.resume == "latest" and ckpt.latest() is None:
