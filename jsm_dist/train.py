@@ -298,6 +298,7 @@ def run(cfg: Config) -> TrainState:
             lr = optimizer.param_groups[0]["lr"]  # the rate this step trains with
             record.step(epoch, state.global_step + 1, lo, lr, batch, padding)
             batch = to_float(batch, device, non_blocking=True)  # uint8/uint16 -> float on device
+            batch = _at_least_two(batch)
             clock.samples = state.samples_seen + (hi - lo)  # the schedule's next position
             losses = train_step(
                 accelerator, model, optimizer, scheduler, batch, cfg, 0.0 if padding else 1.0
@@ -341,6 +342,18 @@ def run(cfg: Config) -> TrainState:
     tele.close()
     accelerator.wait_for_everyone()
     return state
+
+
+def _at_least_two(batch: dict) -> dict:
+    """A batch of one sample (a rank's part of an epoch's last, partial global batch, or a
+    padding batch: data/order.py) as two copies of it: the same mean loss, and batch
+    norm gets more than one value per channel even where a feature map is 1x1."""
+    if len(batch[schema.KEY]) != 1:
+        return batch
+    return {
+        k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v + v if isinstance(v, list) else v
+        for k, v in batch.items()
+    }
 
 
 def _configure_deepspeed(accelerator, cfg: Config, world_size: int) -> None:

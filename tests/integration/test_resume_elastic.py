@@ -25,7 +25,9 @@ from jsm_dist.sample_record import ENV as RECORD_ENV
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-SHARDS = (9, 5, 7, 3)  # 24 samples; batch 4: 3 steps on 2 ranks, 6 on 1
+# 25 samples, batch 4: on 2 ranks 3 steps of 8 and a last one of 1 (rank 0 trains on a
+# zero-weight padding sample), on 1 rank 6 steps of 4 and one of 1
+SHARDS = (9, 5, 7, 4)
 SEED, WINDOW = 3, 256  # TINY_TRAIN_ARGS' seed; data.shuffle_buffer's default
 
 
@@ -100,13 +102,15 @@ def test_resume_on_the_same_world_size_repeats_the_uninterrupted_run(corpus, ref
     kept, resumed, state = kill_then_resume(corpus, tmp_path, 2, 2, kill_at=2)
     assert state["samples_in_epoch"] == 8  # 1 step x 2 ranks x 4
     ref = reference[2]
+    # 4 steps on each rank; rank 0's last was padding (recorded by nobody)
+    assert Counter(r["rank"] for r in ref) == {0: 3, 1: 4}
     key = lambda r: (r["step"], r["rank"])
     assert sorted(kept + resumed, key=key) == sorted(ref, key=key)  # keys, digests, lr, pos
 
 
 @pytest.mark.parametrize(
     "before, after, kill_at, consumed",
-    [(2, 1, 2, 8), (1, 2, 2, 4)],  # 1 -> 2: 20 left = global batches of 8, 8 and 4 (2 + 2)
+    [(2, 1, 2, 8), (1, 2, 2, 4)],  # 2 -> 1: 17 left = 4 x 4 + 1; 1 -> 2: 21 = 8, 8, 5 (2 + 3)
 )
 def test_resume_on_another_world_size_trains_on_each_sample_once(
     corpus, reference, tmp_path, before, after, kill_at, consumed
