@@ -198,11 +198,11 @@ def run(cfg: Config) -> TrainState:
     corpus, store = prepare_label_store(cfg, corpus, fresh=resume_from is None)
     torch.manual_seed(dist.derive_seed(cfg.train.seed, schema.SEED_INIT))  # same init on every rank
     model = JSMModel(cfg.model, corpus.vocab)
-    batch = cfg.data.batch_size
+    batch_size = cfg.data.batch_size
     epoch_samples = epoch_end(
-        corpus.num_samples, world.world_size, batch, cfg.train.max_steps_per_epoch
+        corpus.num_samples, world.world_size, batch_size, cfg.train.max_steps_per_epoch
     )
-    per_epoch = steps_between(0, epoch_samples, world.world_size, batch)
+    per_epoch = steps_between(0, epoch_samples, world.world_size, batch_size)
     clock = SampleClock()
     optimizer, scheduler = build_optimizer(cfg, model, epoch_samples * cfg.train.epochs, clock)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -222,7 +222,7 @@ def run(cfg: Config) -> TrainState:
 
     state = TrainState(label_generation=store.generation)
     if resume_from is not None:
-        state = Checkpointer.load(accelerator, resume_from, world.world_size * batch)
+        state = Checkpointer.load(accelerator, resume_from, world.world_size * batch_size)
         clock.samples = state.samples_seen
         store = _align_store(store, state, accelerator)
         log.info(
