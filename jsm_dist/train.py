@@ -133,9 +133,11 @@ class SampleClock:
         self.samples = samples
 
 
-def build_optimizer(cfg: Config, model, total_samples: int, clock: SampleClock):
-    """Adam + a schedule of the samples trained on (``clock``), in units of one batch of
-    ``batch_size x grad_accum`` samples: ``total_samples`` is the run's, all epochs."""
+def build_optimizer(cfg: Config, model, total_samples: int, clock: SampleClock | None = None):
+    """Adam + a schedule of the samples trained on (``clock``, which the train loop
+    advances), in units of one batch of ``batch_size x grad_accum`` samples:
+    ``total_samples`` is the run's, all epochs."""
+    clock = clock or SampleClock()
     inner = getattr(model, "module", model)
     overrides = {"text": cfg.train.text_lr} if cfg.train.text_lr and inner.text is not None else {}
     opt = torch.optim.Adam(
