@@ -13,6 +13,9 @@ checkpoint is written into ``*.tmp``; after a barrier rank 0 adds ``train_state.
 and renames the directory into place with ``os.replace``, so a crash at any point leaves
 the previous checkpoint the newest complete one. Older checkpoints beyond ``keep`` are
 deleted after the rename.
+
+The data position is a sample count (``samples_in_epoch``), not a step: a checkpoint
+written by W processes resumes on any number of them (docs/resume.md).
 """
 
 from __future__ import annotations

@@ -8,6 +8,12 @@ streaming loader per rank (equal steps per rank); every ``tau`` epochs a rank-sy
 refinement pass (jsm_dist/refine/refinement.py) commits a new label-store generation; checkpoints
 (jsm_dist/checkpoint.py) hold the accelerator state and the train state (epoch, data
 position, label generation); telemetry on the main process (jsm_dist/telemetry.py).
+
+Data position and resume (docs/resume.md): the position in an epoch is the number of
+samples of its canonical order consumed (jsm_dist/data/order.py), the same for any world
+size. A resumed job's loader starts there without reading what came before, and a job of
+another size re-slices the rest: every sample of the epoch is trained on once. The
+learning rate follows the samples trained on (:class:`SampleClock`), not this job's steps.
 """
 
 from __future__ import annotations
