@@ -5,6 +5,7 @@ with ``WorldInfo`` here; tests/integration/test_resume_elastic.py runs real jobs
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,3 +151,22 @@ def test_corrupt_sample_in_the_skipped_part_shifts_nothing(tmp_path):
     delivered = Counter(k for r in whole for b in r for k in b["keys"])
     assert sum(delivered.values()) == broken.num_samples - 2
     assert [b["keys"] for b in whole[0][2:]] == [b["keys"] for b in want[0][2:]]
+
+
+def test_truncated_shard_leaves_holes_where_its_lost_samples_were(tmp_path):
+    """The member index of a truncated tar covers the samples before the break; the rest
+    count as corrupt, each a hole at its own position (nothing after them moves)."""
+    corpus = make_tiny_corpus(tmp_path, shard_sizes=SIZES)
+    want = _samples(_run(corpus, 1))
+    path = Path(corpus.shard_paths[2])
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    loader = make_train_loader(corpus, _cfg(), epoch=1, seed=7, world=WorldInfo(), start=0)
+    batches = list(loader)
+    got = {k: rgb for b in batches for k, rgb in zip(b["key"], b["rgb"])}
+    lost = set(want) - set(got)
+    assert lost and all(k.startswith("tiny_002_") for k in lost)
+    assert any(k.startswith("tiny_002_") for k in got)  # the samples before the break
+    assert loader.stats["skipped"] == len(lost) and loader.stats["reasons"]["missing sample"] >= 1
+    for key, rgb in got.items():
+        assert torch.equal(rgb, want[key]), key
