@@ -294,7 +294,7 @@ def run(cfg: Config) -> TrainState:
             start=state.samples_in_epoch,  # the data position: nothing before it is read
             end=epoch_samples,
         )
-        plan = loader.dataset.plan
+        plan = loader.plan
         batches = iter(loader)
         model.train()
         t_last = time.perf_counter()

@@ -27,6 +27,8 @@ sample with zero loss weight (it must join the gradient all-reduce) that counts 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from jsm_dist import dist, schema
@@ -111,3 +113,29 @@ def max_group_shards(sizes: list[int], window: int) -> int:
         if held >= max(1, window):
             break
     return max(1, count)
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """What a training loader delivers: the steps over positions ``[start, end)`` of epoch
+    ``epoch``'s canonical order, this rank's part of each global batch."""
+
+    epoch: int
+    seed: int
+    start: int  # positions of the epoch consumed before this loader (the data position)
+    end: int  # the epoch's last position + 1
+    rank: int
+    world_size: int
+    batch_size: int
+
+    @property
+    def n_steps(self) -> int:
+        return steps_between(self.start, self.end, self.world_size, self.batch_size)
+
+    def step_span(self, k: int) -> tuple[int, int]:
+        """Global positions ``[lo, hi)`` consumed by step ``k`` (all ranks together)."""
+        return step_span(self.start, self.end, self.world_size, self.batch_size, k)
+
+    def rank_span(self, k: int) -> tuple[int, int]:
+        """This rank's positions of step ``k`` (empty only when fewer are left than ranks)."""
+        return rank_span(*self.step_span(k), self.rank, self.world_size)

@@ -188,32 +188,6 @@ def balanced_split(
 
 
 # ---- the per-worker pipeline --------------------------------------------------------
-@dataclass(frozen=True)
-class TrainPlan:
-    """What a training loader delivers: the steps over positions ``[start, end)`` of epoch
-    ``epoch``'s canonical order (order.py), this rank's part of each global batch."""
-
-    epoch: int
-    seed: int
-    start: int  # positions of the epoch consumed before this loader (the data position)
-    end: int  # the epoch's last position + 1
-    rank: int
-    world_size: int
-    batch_size: int
-
-    @property
-    def n_steps(self) -> int:
-        return order.steps_between(self.start, self.end, self.world_size, self.batch_size)
-
-    def step_span(self, k: int) -> tuple[int, int]:
-        """Global positions ``[lo, hi)`` consumed by step ``k`` (all ranks together)."""
-        return order.step_span(self.start, self.end, self.world_size, self.batch_size, k)
-
-    def rank_span(self, k: int) -> tuple[int, int]:
-        """This rank's positions of step ``k`` (empty only when fewer are left than ranks)."""
-        return order.rank_span(*self.step_span(k), self.rank, self.world_size)
-
-
 class _ShardStream(IterableDataset):
     """The per-worker pipeline (see the module docstring); yields batch dicts."""
 
@@ -224,7 +198,7 @@ class _ShardStream(IterableDataset):
         worker_shards: list[list[int]],
         *,
         store,
-        plan: TrainPlan | None = None,
+        plan: order.TrainPlan | None = None,
         read_gt: bool = True,
     ) -> None:
         super().__init__()
@@ -415,6 +389,11 @@ class StreamLoader:
     def __len__(self) -> int:
         return self.n_batches
 
+    @property
+    def plan(self) -> order.TrainPlan | None:
+        """Training: the positions each step consumes (None for evaluation)."""
+        return self.dataset.plan
+
     def __iter__(self):
         cfg = self.dataset.cfg
         to_float32 = not (self.dataset.train and cfg.float_on_device)
@@ -590,7 +569,7 @@ def make_train_loader(
             f"train loader: positions [{start}, {end}) outside the epoch's "
             f"{corpus.num_samples} samples (a checkpoint of another corpus?)"
         )
-    plan = TrainPlan(epoch, seed, start, end, world.rank, world.world_size, cfg.batch_size)
+    plan = order.TrainPlan(epoch, seed, start, end, world.rank, world.world_size, cfg.batch_size)
     # workers share the steps round-robin; more workers than steps would idle
     workers = min(cfg.num_workers, max(1, plan.n_steps))
     ds = _ShardStream(corpus, cfg, [], store=_open_store(corpus, cfg), plan=plan, read_gt=read_gt)
