@@ -82,10 +82,15 @@ def test_text_lr_gives_the_text_network_its_own_group(mode):
     opt, _ = build_optimizer(cfg, model, total_samples=80)
     lrs = {g["name"]: g["lr"] for g in opt.param_groups}
     assert lrs.pop("text", None) == (pytest.approx(2e-3) if mode == "weak" else None)
+    # the decoders at lr x train.decoder_lr_mult (default 10), the rest at lr
+    decoders = {k: lrs.pop(k) for k in ("saliency_decoder", "depth_decoder")}
+    assert all(v == pytest.approx(1e-3) for v in decoders.values())
     assert lrs and all(v == pytest.approx(1e-4) for v in lrs.values())
     cfg.train.text_lr = 0.0  # 0 = same as lr
+    cfg.train.decoder_lr_mult = 1.0  # 1 = one rate (reference): no decoder groups
     opt, _ = build_optimizer(cfg, model, total_samples=80)
     assert all(g["lr"] == pytest.approx(1e-4) for g in opt.param_groups)
+    assert not any(g["name"].endswith("_decoder") for g in opt.param_groups)
 
 
 def test_negative_text_lr_is_refused():
