@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,11 +36,7 @@ import threading
 import time
 from pathlib import Path
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from jsm_dist.launching.command import free_port
 
 
 def _memory_kib(field: str) -> int:
@@ -126,7 +121,7 @@ def _rank(args: argparse.Namespace) -> int:
 
 def run(corpus: str, procs: int, args: argparse.Namespace, tmp: Path) -> dict:
     """One fit with ``procs`` processes: the slowest rank's wall time, rank 0's figures."""
-    port = str(_free_port())
+    port = str(free_port())
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     outs = [tmp / f"p{procs}_r{r}_{time.monotonic_ns()}.json" for r in range(procs)]
     cmd = [sys.executable, "-m", "benchmarks.textfit_scaling", "--corpus", corpus]

@@ -8,7 +8,6 @@ model, runs ``fit_scorer`` on the shards it owns and saves the fitted weights an
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,8 @@ import pytest
 import torch
 from helpers import make_tiny_corpus
 from textfit_probe import SIZE, data_config, tiny_model
+
+from jsm_dist.launching.command import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -32,12 +33,6 @@ CHILD_TIMEOUT = 300  # seconds; generous for a loaded 2-core machine, a hang fai
 # the weights by 1.8e-3, clipping before the sum by 9.7e-4.
 LOGP_TOL = 1e-5
 WEIGHT_TOL = 5e-5
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_fit(root: Path, out: Path, world: int, *, dropout: float = 0.0, mode: str = "same"):
