@@ -36,25 +36,15 @@ import threading
 import time
 from pathlib import Path
 
+from benchmarks.procstat import memory_kib, reset_peak
 from jsm_dist.launching.command import free_port
-
-
-def _memory_kib(field: str) -> int:
-    """``VmRSS`` / ``VmHWM`` of this process in KiB (0 where /proc is missing)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def _sample(samples: list[tuple[float, int, float]], done: threading.Event) -> None:
     """Append (time, VmRSS KiB, the main thread's CPU seconds) every 5 ms until ``done``."""
     clock = time.pthread_getcpuclockid(threading.main_thread().ident)
     while not done.wait(0.005):
-        samples.append((time.perf_counter(), _memory_kib("VmRSS"), time.clock_gettime(clock)))
+        samples.append((time.perf_counter(), memory_kib("VmRSS"), time.clock_gettime(clock)))
 
 
 def _rank(args: argparse.Namespace) -> int:
@@ -77,11 +67,8 @@ def _rank(args: argparse.Namespace) -> int:
     model = JSMModel(ModelConfig(encoder=args.encoder, crf=False), corpus.vocab)
     data = DataConfig(train_size=args.size, batch_size=8, num_workers=0)
     dist.barrier()
-    try:  # the peak from here on (model loading peaks elsewhere)
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-    rss = _memory_kib("VmRSS")
+    reset_peak()  # the peak from here on (model loading peaks elsewhere)
+    rss = memory_kib("VmRSS")
     samples: list[tuple[float, int, float]] = []  # what happens inside the fitting
     done = threading.Event()
     sampler = threading.Thread(target=_sample, args=(samples, done), daemon=True)
@@ -109,7 +96,7 @@ def _rank(args: argparse.Namespace) -> int:
         "samples": stats.samples,
         "loss_last": stats.loss_last,
         "rss_before_mib": rss / 1024,
-        "rss_peak_mib": _memory_kib("VmHWM") / 1024,
+        "rss_peak_mib": memory_kib("VmHWM") / 1024,
         "rss_fit_peak_mib": max((kib for kib, _ in in_fit), default=0) / 1024,
         "fit_cpu_s": in_fit[-1][1] - in_fit[0][1] if in_fit else 0.0,
     }
