@@ -285,8 +285,7 @@ def compare(small: dict, large: dict) -> dict:
         "refine_loop_time_per_sample": loop,
         "refine_rss_peak_per_rank": rss,
         "refine_workers_rss_peak": workers,
-        "loader_samples_per_s": large["loader"]["samples_per_s"]
-        / small["loader"]["samples_per_s"],
+        "loader_samples_per_s": large["loader"]["samples_per_s"] / small["loader"]["samples_per_s"],
         "time_goal_met": t <= 1 + GOAL,
         "memory_goal_met": rss <= 1 + GOAL,
     }
