@@ -108,8 +108,13 @@ def _refine_phase(args: argparse.Namespace, corpus) -> dict:
 
     def timed_writer(*a, **k):
         writer = make_writer(*a, **k)
-        _timed(writer, "close", spent, on_start=lambda t: marks.setdefault("close", t))
+        _timed(writer, "close", spent, on_start=loop_done)
         return writer
+
+    def loop_done(t: float) -> None:
+        marks.setdefault("close", t)
+        # descriptors open at the end of the batch loop: the writer holds one per shard
+        marks["open_fds"] = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc") else -1
 
     make_writer = store.writer
     store.writer = timed_writer
@@ -129,6 +134,8 @@ def _refine_phase(args: argparse.Namespace, corpus) -> dict:
         "wall_s": wall,
         "samples": stats.samples,
         "generation": store.generation,
+        "commit_world_size": store.manifest["generations"][-1]["world_size"],
+        "open_fds_end_of_loop": marks.get("open_fds", -1),
         "loop_s": loop_s,
         "close_s": close_s,
         "commit_s": commit_s,
@@ -203,7 +210,7 @@ def _pack(args: argparse.Namespace, n: int, out: Path) -> dict:
     cmd = [sys.executable, "-m", "jsm_dist.data.pack", "synth", "--out", str(out)]
     cmd += ["--num-samples", str(n), "--image-size", str(args.image_size), "--seed", "0"]
     cmd += ["--workers", str(args.pack_workers), "--depth-convention", args.depth_convention]
-    cmd += ["--no-progress", "--overwrite"]
+    cmd += ["--samples-per-shard", str(args.samples_per_shard), "--no-progress", "--overwrite"]
     cpu0, t0 = children_cpu_s(), time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wall, cpu = time.perf_counter() - t0, children_cpu_s() - cpu0
@@ -239,6 +246,7 @@ def measure(args: argparse.Namespace, n: int, work: Path) -> dict:
     row["loader"] = {
         "wall_s": wall,
         "samples": sum(r["samples"] for r in ranks),
+        "samples_per_rank": [r["samples"] for r in ranks],
         "samples_per_s": sum(r["samples"] for r in ranks) / wall,
         "rss_peak_mib": [r["rss_peak_mib"] for r in ranks],
         "workers_peak_mib": [r["workers_peak_mib"] for r in ranks],
@@ -253,6 +261,8 @@ def measure(args: argparse.Namespace, n: int, work: Path) -> dict:
         "ms_per_sample": 1000 * wall / n,
         "samples": r0["samples"],
         "generation": r0["generation"],
+        "commit_world_size": r0["commit_world_size"],
+        "open_fds_end_of_loop": [r["open_fds_end_of_loop"] for r in ranks],
         "rank0_parts_s": {k: r0[k] for k in ("loop_s", "close_s", "commit_s", "stats_s")},
         "commit_s": max(r["commit_s"] for r in ranks),
         "commit_rank0_s": r0["commit_rank0_s"],
@@ -311,6 +321,7 @@ def table(rows: list[dict], ratios: dict | None) -> str:
         ("  rank 0 statistics s", lambda r: f"{r['refine']['rank0_parts_s']['stats_s']:.2f}"),
         ("refine peak RSS MiB/rank", lambda r: mib(r["refine"]["rss_peak_mib"])),
         ("refine workers peak MiB", lambda r: mib(r["refine"]["workers_peak_mib"])),
+        ("open fds end of loop/rank", lambda r: mib(r["refine"]["open_fds_end_of_loop"])),
         ("loader peak RSS MiB/rank", lambda r: mib(r["loader"]["rss_peak_mib"])),
         ("shards bytes/sample", lambda r: f"{r['disk']['shards_bytes_per_sample']:.0f}"),
         (
@@ -347,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--small", type=int, default=10_000, help="scenes of the reference corpus")
     p.add_argument("--image-size", type=int, default=64, help="scene side = train size, px")
     p.add_argument("--ranks", type=int, default=2, help="processes of the loader and refine")
+    p.add_argument("--samples-per-shard", type=int, default=256, help="jsm-pack option")
     p.add_argument("--pack-workers", type=int, default=2, help="jsm-pack --workers")
     p.add_argument(
         "--depth-convention",
