@@ -15,7 +15,8 @@ For each corpus size (``--small`` first, then ``--samples``) one run does:
 3. **refine**: one ``refine_labels`` pass over every sample (generation 0 -> 1) on
    ``--ranks`` gloo processes with a small real model: ``JSMModel`` with the ``tiny``
    encoder, random init, the tiny text network, CRF off, no text fitting. Reported: the
-   pass's wall time per sample (slowest rank), its parts on rank 0 (the batch loop, the
+   pass's wall time per sample (slowest rank) and CPU time per sample (both ranks and their
+   loader workers; steadier on a shared machine), its parts on rank 0 (the batch loop, the
    writer's close: fsync + per-shard records, the commit call: barriers + rank 0's check of
    every shard + manifest, and statistics), rank 0's own commit work alone, and per rank
    the peak RSS of the rank process during the pass (``VmHWM`` after a reset at its start)
@@ -124,14 +125,17 @@ def _refine_phase(args: argparse.Namespace, corpus) -> dict:
     dist.barrier()
     reset_peak()
     rss_before = memory_kib("VmRSS")
-    t0 = time.perf_counter()
+    cpu0, workers0, t0 = time.process_time(), children_cpu_s(), time.perf_counter()
     stats = refine_labels(model, corpus, store, _data_config(args), progress=False)
     wall = time.perf_counter() - t0
+    cpu, workers_cpu = time.process_time() - cpu0, children_cpu_s() - workers0
     store.refresh()
     close_s, commit_s = spent.get("close", 0.0), spent.get("commit", 0.0)
     loop_s = marks.get("close", t0 + wall) - t0
     return {
         "wall_s": wall,
+        "cpu_s": cpu,  # this rank's process (all its threads)
+        "workers_cpu_s": workers_cpu,  # its loader workers
         "samples": stats.samples,
         "generation": store.generation,
         "commit_world_size": store.manifest["generations"][-1]["world_size"],
@@ -259,6 +263,9 @@ def measure(args: argparse.Namespace, n: int, work: Path) -> dict:
     row["refine"] = {
         "wall_s": wall,
         "ms_per_sample": 1000 * wall / n,
+        # CPU time of both ranks and their loader workers: steadier than wall time when
+        # other work shares the cores
+        "cpu_ms_per_sample": 1000 * sum(r["cpu_s"] + r["workers_cpu_s"] for r in ranks) / n,
         "samples": r0["samples"],
         "generation": r0["generation"],
         "commit_world_size": r0["commit_world_size"],
@@ -285,6 +292,7 @@ def measure(args: argparse.Namespace, n: int, work: Path) -> dict:
 def compare(small: dict, large: dict) -> dict:
     """Large-vs-small ratios of the per-sample and per-rank figures, and the goals."""
     t = large["refine"]["ms_per_sample"] / small["refine"]["ms_per_sample"]
+    cpu = large["refine"]["cpu_ms_per_sample"] / small["refine"]["cpu_ms_per_sample"]
     loop = (large["refine"]["rank0_parts_s"]["loop_s"] / large["samples"]) / (
         small["refine"]["rank0_parts_s"]["loop_s"] / small["samples"]
     )
@@ -293,6 +301,7 @@ def compare(small: dict, large: dict) -> dict:
     return {
         "refine_time_per_sample": t,
         "refine_loop_time_per_sample": loop,
+        "refine_cpu_time_per_sample": cpu,
         "refine_rss_peak_per_rank": rss,
         "refine_workers_rss_peak": workers,
         "loader_samples_per_s": large["loader"]["samples_per_s"] / small["loader"]["samples_per_s"],
@@ -314,6 +323,7 @@ def table(rows: list[dict], ratios: dict | None) -> str:
         ("loader epoch samples/s", lambda r: f"{r['loader']['samples_per_s']:.0f}"),
         ("refine wall s", lambda r: f"{r['refine']['wall_s']:.1f}"),
         ("refine ms/sample", lambda r: f"{r['refine']['ms_per_sample']:.3f}"),
+        ("refine CPU ms/sample", lambda r: f"{r['refine']['cpu_ms_per_sample']:.3f}"),
         ("  rank 0 loop s", lambda r: f"{r['refine']['rank0_parts_s']['loop_s']:.1f}"),
         ("  rank 0 writer close s", lambda r: f"{r['refine']['rank0_parts_s']['close_s']:.2f}"),
         ("  commit call s", lambda r: f"{r['refine']['commit_s']:.2f}"),
@@ -338,6 +348,7 @@ def table(rows: list[dict], ratios: dict | None) -> str:
         for key in (
             "refine_time_per_sample",
             "refine_loop_time_per_sample",
+            "refine_cpu_time_per_sample",
             "refine_rss_peak_per_rank",
             "refine_workers_rss_peak",
             "loader_samples_per_s",

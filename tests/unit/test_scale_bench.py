@@ -39,6 +39,7 @@ def test_scale_bench_runs_every_phase_on_two_ranks(tmp_path, capsys):
         assert row["refine"]["commit_world_size"] == 2
         assert all(x > 0 for x in row["refine"]["rss_peak_mib"])
         assert row["refine"]["commit_rank0_s"] > 0
+        assert row["refine"]["cpu_ms_per_sample"] > 0
         parts = row["refine"]["rank0_parts_s"]
         assert parts["loop_s"] > 0 and parts["close_s"] > 0
         assert sum(parts.values()) == pytest.approx(row["refine"]["wall_s"], rel=0.5)
