@@ -5,14 +5,23 @@
 
 Runs :func:`jsm_dist.refine.textfit.fit_scorer` (what ``train.text_fit_epochs`` does before each
 refinement) in 1 process and in ``--procs`` gloo processes, alternating, ``--repeats`` times
-each, every process on ``--threads`` torch threads, and prints per run: the wall time of the
-whole call (cache collection included; the slowest rank), the fitting alone
-(``FitStats.seconds``), and rank 0's resident memory before the call and at its peak
-during the call (``VmHWM`` after resetting it through ``/proc/self/clear_refs``; Linux).
+each, every process on ``--threads`` torch threads, and prints per run:
+
+- the wall time of the whole call (cache collection included; the slowest rank) and of the
+  fitting alone (``FitStats.seconds``);
+- the CPU time of the fitting on the busiest rank's main thread: about the wall time on
+  cores of its own, waits for the other ranks aside. On a shared machine it is the steadier
+  figure: other work stretches the wall time of 2 processes, which wait for each other at
+  every step, more than that of 1;
+- rank 0's resident memory before the call, at its peak during the call (``VmHWM`` after a
+  reset through ``/proc/self/clear_refs``) and at its peak during the fitting (``VmRSS``
+  sampled every 5 ms over the call's last ``FitStats.seconds``; the cache collection before
+  it peaks higher with a large image encoder). Linux only.
+
 The model is the demo's (pretrained EfficientNet-Lite0 unless ``--encoder``; the text
 network as configured by default). Without ``--corpus`` a synthetic one is packed like the
-demo's. On a 2-core machine shared with other work the ratio is noisy: compare runs of one
-invocation, and read the load (``uptime``) printed beside them.
+demo's. On a 2-core machine shared with other work the ratios are noisy: compare runs of
+one invocation, and read the load average printed with each run.
 """
 
 from __future__ import annotations
@@ -20,29 +29,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from benchmarks.procstat import memory_kib, reset_peak
+from jsm_dist.launching.command import free_port
 
 
-def _memory_kib(field: str) -> int:
-    """``VmRSS`` / ``VmHWM`` of this process in KiB (0 where /proc is missing)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+def _sample(samples: list[tuple[float, int, float]], done: threading.Event) -> None:
+    """Append (time, VmRSS KiB, the main thread's CPU seconds) every 5 ms until ``done``."""
+    clock = time.pthread_getcpuclockid(threading.main_thread().ident)
+    while not done.wait(0.005):
+        samples.append((time.perf_counter(), memory_kib("VmRSS"), time.clock_gettime(clock)))
 
 
 def _rank(args: argparse.Namespace) -> int:
@@ -65,11 +67,12 @@ def _rank(args: argparse.Namespace) -> int:
     model = JSMModel(ModelConfig(encoder=args.encoder, crf=False), corpus.vocab)
     data = DataConfig(train_size=args.size, batch_size=8, num_workers=0)
     dist.barrier()
-    try:  # the peak from here on (model loading peaks elsewhere)
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-    rss = _memory_kib("VmRSS")
+    reset_peak()  # the peak from here on (model loading peaks elsewhere)
+    rss = memory_kib("VmRSS")
+    samples: list[tuple[float, int, float]] = []  # what happens inside the fitting
+    done = threading.Event()
+    sampler = threading.Thread(target=_sample, args=(samples, done), daemon=True)
+    sampler.start()
     t0 = time.perf_counter()
     _, stats = fit_scorer(
         model,
@@ -81,14 +84,21 @@ def _rank(args: argparse.Namespace) -> int:
         seed=1,
         clip=0.5,
     )
+    t1 = time.perf_counter()
+    done.set()
+    sampler.join()
+    # the fitting closes the call (cache collection first): its window is the last fit_s
+    in_fit = [(kib, cpu) for t, kib, cpu in samples if t >= t1 - stats.seconds]
     record = {
         "rank": args.rank,
-        "wall_s": time.perf_counter() - t0,
+        "wall_s": t1 - t0,
         "fit_s": stats.seconds,
         "samples": stats.samples,
         "loss_last": stats.loss_last,
         "rss_before_mib": rss / 1024,
-        "rss_peak_mib": _memory_kib("VmHWM") / 1024,
+        "rss_peak_mib": memory_kib("VmHWM") / 1024,
+        "rss_fit_peak_mib": max((kib for kib, _ in in_fit), default=0) / 1024,
+        "fit_cpu_s": in_fit[-1][1] - in_fit[0][1] if in_fit else 0.0,
     }
     Path(args.out).write_text(json.dumps(record))
     if args.world > 1:
@@ -98,7 +108,7 @@ def _rank(args: argparse.Namespace) -> int:
 
 def run(corpus: str, procs: int, args: argparse.Namespace, tmp: Path) -> dict:
     """One fit with ``procs`` processes: the slowest rank's wall time, rank 0's figures."""
-    port = str(_free_port())
+    port = str(free_port())
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     outs = [tmp / f"p{procs}_r{r}_{time.monotonic_ns()}.json" for r in range(procs)]
     cmd = [sys.executable, "-m", "benchmarks.textfit_scaling", "--corpus", corpus]
@@ -127,10 +137,12 @@ def run(corpus: str, procs: int, args: argparse.Namespace, tmp: Path) -> dict:
         "procs": procs,
         "wall_s": max(r["wall_s"] for r in recs),
         "fit_s": recs[0]["fit_s"],
+        "fit_cpu_s": max(r["fit_cpu_s"] for r in recs),
         "samples": recs[0]["samples"],
         "loss_last": recs[0]["loss_last"],
         "rss_before_mib": recs[0]["rss_before_mib"],
         "rss_peak_mib": recs[0]["rss_peak_mib"],
+        "rss_fit_peak_mib": recs[0]["rss_fit_peak_mib"],
         "load": os.getloadavg()[0],
     }
 
@@ -172,16 +184,20 @@ def main(argv: list[str] | None = None) -> int:
         best = min(mine, key=lambda r: r["wall_s"])
         print(
             f"{procs} process(es): call {best['wall_s']:.1f} s, fitting {best['fit_s']:.1f} s "
-            f"(best of {len(mine)}), rank 0 RSS {best['rss_before_mib']:.0f} MiB before, "
-            f"peak {max(r['rss_peak_mib'] for r in mine):.0f} MiB during"
+            f"(best of {len(mine)}); rank 0 RSS {best['rss_before_mib']:.0f} MiB before, "
+            f"peak {max(r['rss_peak_mib'] for r in mine):.0f} MiB during the call, "
+            f"{max(r['rss_fit_peak_mib'] for r in mine):.0f} MiB during the fitting"
         )
     one = min(r["wall_s"] for r in rows if r["procs"] == 1)
     many = min(r["wall_s"] for r in rows if r["procs"] == args.procs)
     fit_one = min(r["fit_s"] for r in rows if r["procs"] == 1)
     fit_many = min(r["fit_s"] for r in rows if r["procs"] == args.procs)
+    cpu_one = min(r["fit_cpu_s"] for r in rows if r["procs"] == 1)
+    cpu_many = min(r["fit_cpu_s"] for r in rows if r["procs"] == args.procs)
     print(
         f"{args.procs} vs 1 process(es), time ratio (best runs): call {many / one:.2f}, "
-        f"fitting {fit_many / fit_one:.2f}"
+        f"fitting {fit_many / fit_one:.2f}; CPU time of the fitting (busiest rank's main "
+        f"thread) {cpu_many / cpu_one:.2f}"
     )
     return 0
 

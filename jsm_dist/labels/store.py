@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CONF_NAMES = ("w_g", "w_d")
 GENERATION_COLUMN = "generation"  # last side column: the generation that wrote the sample
+# Label shard files one process keeps open for reading; beyond this the one opened first is
+# closed (a loader worker reads its shards one after another, so this never thrashes; one
+# descriptor per shard would pass a 1024-descriptor limit on a corpus of a few 1M samples).
+MAX_OPEN_READS = 128
 
 
 def resolve_world(world: dist.WorldInfo | None) -> dist.WorldInfo:
@@ -260,6 +264,8 @@ class LabelStore:
             if os.fstat(fd).st_size != want:
                 os.close(fd)
                 raise CorruptStoreError(f"{path}: size {os.path.getsize(path)} != {want} bytes")
+            while len(self._fds) >= MAX_OPEN_READS:
+                self._close_fd(next(iter(self._fds)))
             self._fds[key] = fd
         return fd
 

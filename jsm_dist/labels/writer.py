@@ -23,6 +23,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RANGE_TOL = 1e-3  # float labels may overshoot [0, 1] by rounding noise, not more
+# Shard files one writer keeps open at once. A rank owns shards / world of them (a
+# 1M-sample corpus in 256-sample shards on 2 ranks: ~1950), more than a common soft limit
+# of 1024 descriptors; beyond this the least recently written one is fsynced, closed,
+# and reopened (never truncated) when written again.
+MAX_OPEN_SHARDS = 64
 
 
 def to_uint8(labels, n: int, size: tuple[int, int]) -> np.ndarray:
@@ -66,7 +71,7 @@ def to_uint8(labels, n: int, size: tuple[int, int]) -> np.ndarray:
 
 @dataclass
 class _Shard:
-    fd: int
+    fd: int | None  # None: closed to bound the open descriptors (reopened on demand)
     done: np.ndarray  # bool (n,): which samples this writer wrote (or carried over)
     side: np.ndarray  # float32 (n, k + 1): confidences, then the writing generation
     carried: np.ndarray  # bool (n,): which of them keep the previous generation's label
@@ -94,6 +99,7 @@ class GenerationWriter:
             for suffix in (mf.RECORD_SUFFIX, mf.LABEL_SUFFIX, mf.SIDE_SUFFIX):
                 store.shard_path(generation, s, suffix).unlink(missing_ok=True)
         self._shards: dict[int, _Shard] = {}
+        self._open: dict[int, None] = {}  # shards with an open descriptor, oldest write first
         self.closed = False
         store._writing.add(generation)
 
@@ -107,7 +113,32 @@ class GenerationWriter:
             side = np.full((n, len(self.store.side_columns)), np.nan, np.float32)
             st = _Shard(fd, np.zeros(n, np.bool_), side, np.zeros(n, np.bool_))
             self._shards[shard] = st
+            self._opened(shard)
         return st
+
+    def _opened(self, shard: int) -> None:
+        """Record ``shard``'s descriptor as the most recent; close the oldest beyond
+        ``MAX_OPEN_SHARDS``."""
+        self._open.pop(shard, None)
+        self._open[shard] = None
+        while len(self._open) > MAX_OPEN_SHARDS:
+            old = next(iter(self._open))
+            del self._open[old]
+            # fsync before closing: a write-back error must reach this writer, and a
+            # descriptor opened later might not be told of it
+            os.fsync(self._shards[old].fd)
+            os.close(self._shards[old].fd)
+            self._shards[old].fd = None
+
+    def _fd(self, shard: int) -> int:
+        """The open descriptor of a started shard (reopened, never truncated, if it was
+        closed to bound the open descriptors)."""
+        st = self._shards[shard]
+        if st.fd is None:
+            path = self.store.shard_path(self.generation, shard)
+            st.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        self._opened(shard)
+        return st.fd
 
     def _owned_indices(self, shard: int, indices: Sequence[int]) -> tuple[int, np.ndarray]:
         """Validate (shard, indices) for this writer: open, owned shard, indices in range."""
@@ -130,7 +161,7 @@ class GenerationWriter:
             )
         return shard, idx
 
-    def _pwrite(self, st: _Shard, idx: np.ndarray, arr: np.ndarray) -> None:
+    def _pwrite(self, fd: int, idx: np.ndarray, arr: np.ndarray) -> None:
         """Write frames ``arr`` (sorted ``idx``): one pwrite per run of consecutive indices
         (a whole in-order batch = one syscall)."""
         fb = self.store.frame_bytes
@@ -138,7 +169,7 @@ class GenerationWriter:
         for a, b in zip(np.r_[0, breaks], np.r_[breaks, idx.size]):
             view, off = memoryview(arr[a:b]).cast("B"), int(idx[a]) * fb
             while view:
-                done = os.pwrite(st.fd, view, off)
+                done = os.pwrite(fd, view, off)
                 view, off = view[done:], off + done
 
     def write(
@@ -172,7 +203,7 @@ class GenerationWriter:
         order = np.argsort(idx, kind="stable")  # stable: a repeated index keeps the last write
         if not np.array_equal(order, np.arange(idx.size)):
             idx, arr = idx[order], arr[order]
-        self._pwrite(st, idx, arr)
+        self._pwrite(self._fd(shard), idx, arr)
         st.done[idx] = True
         st.carried[idx] = False  # written after all: a real new label
         st.side[idx, :k] = np.nan if conf is None else conf[order]
@@ -215,7 +246,7 @@ class GenerationWriter:
             )
         labels = self.store.read_many([shard] * idx.size, idx, generation=src)
         writers = self.store.read_side(shard, idx, generation=src)[:, -1]
-        self._pwrite(st, idx, labels)
+        self._pwrite(self._fd(shard), idx, labels)
         st.done[idx] = True
         st.carried[idx] = True
         st.side[idx, :-1] = np.nan
@@ -229,9 +260,12 @@ class GenerationWriter:
             return
         for shard, st in sorted(self._shards.items()):
             n = st.done.size
-            os.fsync(st.fd)
-            sha = mf.sha256_fd(st.fd, n * self.store.frame_bytes)
-            os.close(st.fd)
+            fd = self._fd(shard)
+            os.fsync(fd)
+            sha = mf.sha256_fd(fd, n * self.store.frame_bytes)
+            os.close(fd)
+            st.fd = None
+            self._open.pop(shard, None)
             side = st.side.tobytes()
             with open(self.store.shard_path(self.generation, shard, mf.SIDE_SUFFIX), "wb") as f:
                 f.write(side)
@@ -272,11 +306,13 @@ class GenerationWriter:
         """Drop this attempt without records (a commit will refuse the generation)."""
         if not self.closed:
             for st in self._shards.values():
-                os.close(st.fd)
+                if st.fd is not None:
+                    os.close(st.fd)
             self._finish()
 
     def _finish(self) -> None:
         self._shards = {}
+        self._open = {}
         self.closed = True
         self.store._writing.discard(self.generation)
 

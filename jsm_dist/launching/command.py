@@ -166,16 +166,23 @@ def free_port() -> int:
 
 
 def local_launch(
-    procs: int, train_args: Sequence[str], *, mode: str = "cpu", deepspeed_config_file: str = ""
+    procs: int,
+    train_args: Sequence[str],
+    *,
+    mode: str = "cpu",
+    deepspeed_config_file: str = "",
+    mixed_precision: str = "no",
 ) -> tuple[list[str], dict[str, str]]:
     """(argv, env) of a single-node ``accelerate launch -m jsm_dist.train`` on a free port.
 
     Used by the benchmarks and the integration tests; ``accelerate`` runs through the
-    current interpreter so that no PATH lookup is needed.
+    current interpreter so that no PATH lookup is needed. ``mixed_precision`` is the
+    launcher's (it should match the run's ``train.mixed_precision``).
     """
     cfg = LaunchConfig(
         mode=mode,
         procs_per_node=procs,
+        mixed_precision=mixed_precision,
         main_process_port=free_port(),
         deepspeed_config_file=deepspeed_config_file or "ds_config.json",
         train_args=tuple(train_args),

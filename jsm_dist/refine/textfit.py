@@ -35,6 +35,12 @@ full-batch one: the fit equals the single-process fit up to float summation orde
 dropout masks (drawn per rank). Memory per rank: its own cache (nothing is gathered) plus
 two int64 arrays of the corpus' sample count per epoch for the shuffle.
 
+Cost: the batch of 8 is small, so a step is mostly fixed cost (demo text network on one CPU
+thread: ~5 ms + 1.6 ms per sample) and every step waits for the slowest rank. Demo corpus
+on 2 CPU cores (``benchmarks.textfit_scaling``): with 2 ranks the busiest one spends
+0.6-0.7x the CPU time of one process, the wall time is 0.84-1.02x on a quiet machine and
+worse when other work shares the cores.
+
 The copy is a scorer only: the text network inside the DDP/DeepSpeed engine is untouched (a
 ZeRO optimizer would overwrite in-place edits from its fp32 partitions), and every fit starts
 from the engine's current text weights. Deterministic (fixed order, seeded shuffles, seeded

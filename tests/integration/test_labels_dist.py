@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import pytest
 
 from jsm_dist.labels import LabelStore
 from jsm_dist.labels.cli import main as labels_cli
+from jsm_dist.launching.command import free_port
 
 SIZES = [
     7,
@@ -59,12 +59,6 @@ def check_generation(store: LabelStore, g: int) -> None:
         side = store.read_side(s)
         np.testing.assert_array_equal(side[:, 0], np.full(n, g, np.float32))
         np.testing.assert_array_equal(side[:, 2], np.full(n, g, np.float32))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch_ranks(root: Path, mode: str, tmp: Path) -> list[subprocess.Popen]:

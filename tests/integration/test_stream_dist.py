@@ -10,20 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from jsm_dist.launching.command import free_port
+
 TIMEOUT = 240  # seconds; generous for a loaded 2-core machine
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -31,7 +26,7 @@ def test_two_processes_exactly_once_eval_and_equal_train_steps(tmp_path):
     from helpers import all_ids, make_tiny_corpus
 
     corpus = make_tiny_corpus(tmp_path, shard_sizes=[9, 2, 6, 1, 5, 3, 4])
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in range(2):
         env = {
