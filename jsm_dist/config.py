@@ -68,9 +68,10 @@ class TrainConfig:
     )
     weight_decay: float = setting(0.0, "Adam weight decay", check=at_least(0))
     decoder_lr_mult: float = setting(
-        10.0,
+        1.0,
         "learning rate of the saliency/depth decoders (all but the shared stem and the "
-        "attention branch's encoder stages) = lr x this; 1 = the reference's single rate",
+        "attention branch's encoder stages) = lr x this; 1 = the reference's single rate "
+        "(configs/demo.yaml: 10)",
         check=above(0),
     )
     text_fit_epochs: int = setting(

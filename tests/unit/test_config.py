@@ -75,14 +75,15 @@ def test_text_lr_gives_the_text_network_its_own_group(mode):
     from jsm_dist.train import build_optimizer
 
     cfg, _ = parse_cli(
-        ["--train.lr", "1e-4", "--train.text_lr", "2e-3", "--model.encoder", "tiny",
+        ["--train.lr", "1e-4", "--train.text_lr", "2e-3", "--train.decoder_lr_mult", "10",
+         "--model.encoder", "tiny",
          "--model.mode", mode, "--model.text_hidden", "32", "--model.text_layers", "1"]
     )  # fmt: skip
     model = JSMModel(cfg.model, ["<negative>", "cat", "dog"])
     opt, _ = build_optimizer(cfg, model, total_samples=80)
     lrs = {g["name"]: g["lr"] for g in opt.param_groups}
     assert lrs.pop("text", None) == (pytest.approx(2e-3) if mode == "weak" else None)
-    # the decoders at lr x train.decoder_lr_mult (default 10), the rest at lr
+    # the decoders at lr x train.decoder_lr_mult (10 here), the rest at lr
     decoders = {k: lrs.pop(k) for k in ("saliency_decoder", "depth_decoder")}
     assert all(v == pytest.approx(1e-3) for v in decoders.values())
     assert lrs and all(v == pytest.approx(1e-4) for v in lrs.values())
