@@ -409,6 +409,10 @@ def make_accelerator(
     handlers = process_group_handlers(kwargs.pop("kwargs_handlers", []), timeout_s)
     handlers.append(DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters))
     set_phase("start-up", timeout_s=timeout_s)
+    if using_deepspeed():
+        from jsm_dist.ds_ops import load_cpu_comm_op
+
+        load_cpu_comm_op()  # DeepSpeed's own load would wait forever on a dead build's lock
     acc = Accelerator(
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=grad_accum,

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from helpers import TINY_TRAIN_ARGS, garble_member, label_value, make_tiny_corpus
 
+from jsm_dist import ds_ops
 from jsm_dist.labels import LabelStore
 from jsm_dist.launching.command import local_launch
 from jsm_dist.models import load_model
@@ -140,8 +141,14 @@ def test_deepspeed_zero2_train_refine_and_resume(corpus, tmp_path):
     run = tmp_path / "run"
     args = ["--corpus", str(corpus.root), "--out_dir", str(run), "--tau", "1",
             "--text_fit_epochs", "1"]  # fmt: skip
+    # a build of DeepSpeed's CPU op killed half-way (as by a Ctrl-C or a requeue) left its lock
+    ext = ds_ops.build_dir(ds_ops._builder().name)
+    ext.mkdir(parents=True, exist_ok=True)
+    (ext / "lock").touch()
+    (ext / "jsm-building").write_text("pid 1\n")
     res = launch(args + ["--epochs", "1"], deepspeed=True, timeout=400)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "died while holding it" in res.stderr and not (ext / "lock").exists()
     # the default group and DeepSpeed's own (made in prepare) have train.dist_timeout_s
     seen = re.findall(r"process group timeouts read back: \[(.*)\] s", res.stderr)
     groups = [v.split(", ") for v in seen]
