@@ -4,7 +4,7 @@ Layout::
 
     <out_dir>/checkpoints/step-00000120/        accelerator.save_state() output
                                                 (model, optimizer, scheduler, RNG per rank)
-                                  train_state.json   epoch, step, data position, label generation
+                                  train_state.json   epoch, samples consumed, step, label gen
                                   config.json        the resolved run config
     <out_dir>/checkpoints/step-00000120.tmp/    a checkpoint being written (ignored)
 
@@ -13,6 +13,9 @@ checkpoint is written into ``*.tmp``; after a barrier rank 0 adds ``train_state.
 and renames the directory into place with ``os.replace``, so a crash at any point leaves
 the previous checkpoint the newest complete one. Older checkpoints beyond ``keep`` are
 deleted after the rename.
+
+The data position is a sample count (``samples_in_epoch``), not a step: a checkpoint
+written by W processes resumes on any number of them (docs/resume.md).
 """
 
 from __future__ import annotations
@@ -37,7 +40,10 @@ class TrainState:
     """Where the run is: enough to resume exactly (with the accelerator state)."""
 
     epoch: int = 0  # epochs fully trained
-    step_in_epoch: int = 0  # batches of epoch `epoch` already consumed (data position)
+    samples_in_epoch: int = 0  # positions of epoch `epoch`'s canonical order consumed (the
+    # data position, data/order.py: the same meaning for any world size)
+    samples_seen: int = 0  # positions consumed over all epochs (the learning-rate clock)
+    step_in_epoch: int = 0  # steps taken in epoch `epoch` (by whatever world sizes; for logs)
     global_step: int = 0  # optimizer micro-steps so far
     label_generation: int = 0  # label-store generation the run is training on
     refine_pending: bool = False  # a refinement is due before training continues
@@ -118,9 +124,23 @@ class Checkpointer:
         return final
 
     @staticmethod
-    def load(accelerator, path: Path) -> TrainState:
+    def load(accelerator, path: Path, samples_per_step: int) -> TrainState:
+        """Restore the accelerator state and return the train state.
+
+        A checkpoint from before the sample-count data position has only steps: its
+        position is taken as ``steps x samples_per_step`` (this job's world size x batch),
+        exact when the world size and batch are the ones it was written with.
+        """
         accelerator.load_state(str(path))
         data = json.loads((path / "train_state.json").read_text())
+        if "samples_in_epoch" not in data:
+            data["samples_in_epoch"] = data.get("step_in_epoch", 0) * samples_per_step
+            data["samples_seen"] = data.get("global_step", 0) * samples_per_step
+            log.warning(
+                "%s records steps, not samples: resuming at sample %d of epoch %d (steps x "
+                "%d samples per step); the order of samples in an epoch is the new one",
+                path, data["samples_in_epoch"], data.get("epoch", 0), samples_per_step,
+            )  # fmt: skip
         return TrainState(**data)
 
 

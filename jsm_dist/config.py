@@ -97,7 +97,12 @@ class TrainConfig:
     lr_schedule: Literal["constant", "cosine"] = setting(
         "constant", "learning-rate schedule (cosine: with linear warm-up)"
     )
-    warmup_steps: int = setting(0, "linear warm-up, optimizer steps", check=at_least(0))
+    warmup_steps: int = setting(
+        0,
+        "linear warm-up, in batches of batch_size x grad_accum samples (the schedule follows "
+        "the samples trained on: a job of W ranks covers W of them per optimizer step)",
+        check=at_least(0),
+    )
     grad_accum: int = setting(1, "gradient accumulation steps", check=at_least(1))
     clip_value: float = setting(
         0.5,
@@ -144,7 +149,10 @@ class TrainConfig:
         6, "rows of the image grid logged per refinement (0 = off)", check=at_least(0)
     )
     max_steps_per_epoch: int = setting(
-        0, "cap on steps per epoch (0 = all; for smoke tests)", check=at_least(0)
+        0,
+        "cap on steps per epoch: the epoch ends after this many global batches of the "
+        "current world size (0 = all samples; for smoke tests)",
+        check=at_least(0),
     )
     cpu: bool = setting(False, "force CPU even when CUDA exists")
     dist_timeout_s: float = setting(

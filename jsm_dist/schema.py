@@ -49,9 +49,11 @@ MEMBERS = (MEMBER_RGB_JPG, MEMBER_RGB_PNG, MEMBER_DEPTH, MEMBER_GT, MEMBER_META)
 
 # ---- seed streams: dist.derive_seed(base, STREAM, ...) keeps the random streams apart ---------
 SEED_INIT = 0  # model initialisation (same on every rank): derive_seed(seed, SEED_INIT)
-SEED_SHUFFLE = 0  # a loader worker's shuffle buffer, per pass: derive_seed(base, SEED_SHUFFLE, p)
-SEED_AUGMENT = 1  # a loader worker's augmentation draws: derive_seed(base, SEED_AUGMENT)
-SEED_SHARD_ORDER = 2  # a loader worker's shard order, per pass
+SEED_SHUFFLE = 0  # epoch e's shuffle group g: derive_seed(seed, SEED_SHUFFLE, e, g) (data/order.py)
+SEED_AUGMENT = (
+    1  # a sample's augmentation in epoch e: derive_seed(seed, SEED_AUGMENT, e, shard, index)
+)
+SEED_SHARD_ORDER = 2  # epoch e's shard order: derive_seed(seed, SEED_SHARD_ORDER, e)
 SEED_TEXT_FIT = 7  # text fitting before refinement r: derive_seed(seed, SEED_TEXT_FIT, r)
 
 TENSOR_KEYS = (RGB, DEPTH, LABEL, GT)

@@ -8,6 +8,12 @@ streaming loader per rank (equal steps per rank); every ``tau`` epochs a rank-sy
 refinement pass (jsm_dist/refine/refinement.py) commits a new label-store generation; checkpoints
 (jsm_dist/checkpoint.py) hold the accelerator state and the train state (epoch, data
 position, label generation); telemetry on the main process (jsm_dist/telemetry.py).
+
+Data position and resume (docs/resume.md): the position in an epoch is the number of
+samples of its canonical order consumed (jsm_dist/data/order.py), the same for any world
+size. A resumed job's loader starts there without reading what came before, and a job of
+another size re-slices the rest: every sample of the epoch is trained on once. The
+learning rate follows the samples trained on (:class:`SampleClock`), not this job's steps.
 """
 
 from __future__ import annotations
@@ -28,11 +34,13 @@ from jsm_dist.config import Config, help_text, parse_cli
 from jsm_dist.data import remote
 from jsm_dist.data.batching import to_float
 from jsm_dist.data.corpus import Corpus
-from jsm_dist.data.stream import balanced_split, check_shards_cover_ranks, make_train_loader
+from jsm_dist.data.order import epoch_end, steps_between
+from jsm_dist.data.stream import check_shards_cover_ranks, make_train_loader
 from jsm_dist.labels import LabelStore, LabelStoreError
 from jsm_dist.labels.runstore import plan_label_store, seed_run_store
 from jsm_dist.models import JSMModel, save_model
 from jsm_dist.refine.refinement import refine_step
+from jsm_dist.sample_record import SampleRecorder
 from jsm_dist.telemetry import Telemetry
 
 log = logging.getLogger("jsm_dist.train")
@@ -122,7 +130,20 @@ def check_label_store(cfg: Config, corpus) -> None:
     plan_label_store(cfg.train, corpus, resuming=resume_from is not None)
 
 
-def build_optimizer(cfg: Config, model, steps_total: int):
+class SampleClock:
+    """Samples trained on so far, over all ranks and epochs: what the learning-rate schedule
+    follows, so that it continues where it was when a job resumes with another world size
+    (a per-step count would run slower or faster with fewer or more ranks)."""
+
+    def __init__(self, samples: int = 0) -> None:
+        self.samples = samples
+
+
+def build_optimizer(cfg: Config, model, total_samples: int, clock: SampleClock | None = None):
+    """Adam + a schedule of the samples trained on (``clock``, which the train loop
+    advances), in units of one batch of ``batch_size x grad_accum`` samples:
+    ``total_samples`` is the run's, all epochs."""
+    clock = clock or SampleClock()
     inner = getattr(model, "module", model)
     overrides = {"text": cfg.train.text_lr} if cfg.train.text_lr and inner.text is not None else {}
     opt = torch.optim.Adam(
@@ -135,8 +156,13 @@ def build_optimizer(cfg: Config, model, steps_total: int):
         weight_decay=cfg.train.weight_decay,
     )
     warm = cfg.train.warmup_steps
+    unit = cfg.data.batch_size * cfg.train.grad_accum
+    steps_total = total_samples / unit
 
-    def factor(step: int) -> float:
+    def factor(_: int) -> float:
+        # the scheduler's own count is ignored: accelerate steps a prepared scheduler once
+        # per process per step, so that count depends on the world size
+        step = clock.samples / unit
         if warm and step < warm:
             return (step + 1) / warm
         if cfg.train.lr_schedule == "cosine":
@@ -147,10 +173,14 @@ def build_optimizer(cfg: Config, model, steps_total: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def train_step(accelerator, model, optimizer, scheduler, batch, cfg: Config) -> dict:
+def train_step(
+    accelerator, model, optimizer, scheduler, batch, cfg: Config, weight: float = 1.0
+) -> dict:
+    """One (micro) step. ``weight`` 0: a padding batch (data/order.py) that joins the
+    gradient all-reduce without contributing to it."""
     with accelerator.accumulate(model):
         losses = model(batch)
-        accelerator.backward(losses["loss"])
+        accelerator.backward(losses["loss"] * weight if weight != 1.0 else losses["loss"])
         if accelerator.sync_gradients and not dist.using_deepspeed():
             # DeepSpeed clips inside its engine (ds_config gradient_clipping, by norm)
             if cfg.train.clip_value > 0:
@@ -180,13 +210,13 @@ def run(cfg: Config) -> TrainState:
     corpus, store = prepare_label_store(cfg, corpus, fresh=resume_from is None)
     torch.manual_seed(dist.derive_seed(cfg.train.seed, schema.SEED_INIT))  # same init on every rank
     model = JSMModel(cfg.model, corpus.vocab)
-    per_epoch = len(make_train_loader(corpus, cfg.data, epoch=0, seed=cfg.train.seed, world=world))
-    if cfg.train.max_steps_per_epoch:
-        per_epoch = min(per_epoch, cfg.train.max_steps_per_epoch)
-    # accelerate steps a prepared scheduler once per process per step
-    optimizer, scheduler = build_optimizer(
-        cfg, model, per_epoch * cfg.train.epochs * world.world_size
+    batch_size = cfg.data.batch_size
+    epoch_samples = epoch_end(
+        corpus.num_samples, world.world_size, batch_size, cfg.train.max_steps_per_epoch
     )
+    per_epoch = steps_between(0, epoch_samples, world.world_size, batch_size)
+    clock = SampleClock()
+    optimizer, scheduler = build_optimizer(cfg, model, epoch_samples * cfg.train.epochs, clock)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     dist.set_phase("training")  # after prepare: DeepSpeed's own groups get the timeout too
     if world.world_size > 1:
@@ -204,18 +234,22 @@ def run(cfg: Config) -> TrainState:
 
     state = TrainState(label_generation=store.generation)
     if resume_from is not None:
-        state = Checkpointer.load(accelerator, resume_from)
+        state = Checkpointer.load(accelerator, resume_from, world.world_size * batch_size)
+        clock.samples = state.samples_seen
         store = _align_store(store, state, accelerator)
         log.info(
-            "resumed from %s: epoch %d, step %d, label gen %d",
+            "resumed from %s: epoch %d at sample %d of %d (%d ranks), label gen %d",
             resume_from,
             state.epoch,
-            state.step_in_epoch,
+            state.samples_in_epoch,
+            epoch_samples,
+            world.world_size,
             state.label_generation,
         )
     elif cfg.train.refine_before_training and state.refinements == 0:
         state.refine_pending = True
 
+    record = SampleRecorder.from_env(world.rank)
     tele = Telemetry(
         out,
         enabled=accelerator.is_main_process,
@@ -261,33 +295,45 @@ def run(cfg: Config) -> TrainState:
             seed=cfg.train.seed,
             world=world,
             read_gt=cfg.model.mode == "full",  # only full supervision trains on GT
+            start=state.samples_in_epoch,  # the data position: nothing before it is read
+            end=epoch_samples,
         )
+        plan = loader.plan
         batches = iter(loader)
-        for _ in range(state.step_in_epoch):  # data position: replay the consumed batches
-            next(batches)
         model.train()
         t_last = time.perf_counter()
-        for step in range(state.step_in_epoch, per_epoch):
+        for k in range(len(loader)):
             batch = next(batches)
             t_data = time.perf_counter()
+            lo, hi = plan.step_span(k)  # the global batch's positions (all ranks)
+            padding = batch.pop("_padding", False)
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step trains with
+            record.step(epoch, state.global_step + 1, lo, lr, batch, padding)
             batch = to_float(batch, device, non_blocking=True)  # uint8/uint16 -> float on device
-            losses = train_step(accelerator, model, optimizer, scheduler, batch, cfg)
-            state.step_in_epoch = step + 1
+            batch = _at_least_two(batch)
+            clock.samples = state.samples_seen + (hi - lo)  # the schedule's next position
+            losses = train_step(
+                accelerator, model, optimizer, scheduler, batch, cfg, 0.0 if padding else 1.0
+            )
+            state.samples_in_epoch = hi
+            state.samples_seen += hi - lo
+            state.step_in_epoch += 1
             state.global_step += 1
             dist.fault_point("step", state.global_step)  # crash tests: die after this step
             now = time.perf_counter()
             tele.log_step(
                 state.global_step,
                 losses,
-                samples=len(batch[schema.KEY]) * world.world_size,
+                samples=hi - lo,
                 step_time=now - t_last,
                 data_time=t_data - t_last,
                 epoch=epoch,
+                lr=lr,
             )
             t_last = now
             if cfg.train.checkpoint_every and state.global_step % cfg.train.checkpoint_every == 0:
                 ckpt.save(accelerator, state, config_json)
-        state.epoch, state.step_in_epoch = epoch + 1, 0
+        state.epoch, state.samples_in_epoch, state.step_in_epoch = epoch + 1, 0, 0
         due = cfg.train.tau > 0 and state.epoch % cfg.train.tau == 0
         if due and (state.epoch < cfg.train.epochs or cfg.train.refine_last_epoch):
             state.refine_pending = True  # saved first: a crash in the pass redoes it on resume
@@ -308,6 +354,18 @@ def run(cfg: Config) -> TrainState:
     tele.close()
     accelerator.wait_for_everyone()
     return state
+
+
+def _at_least_two(batch: dict) -> dict:
+    """A batch of one sample (a rank's part of an epoch's last, partial global batch, or a
+    padding batch: data/order.py) as two copies of it: the same mean loss, and batch
+    norm gets more than one value per channel even where a feature map is 1x1."""
+    if len(batch[schema.KEY]) != 1:
+        return batch
+    return {
+        k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v + v if isinstance(v, list) else v
+        for k, v in batch.items()
+    }
 
 
 def _configure_deepspeed(accelerator, cfg: Config, world_size: int) -> None:
@@ -359,25 +417,16 @@ def _advise(cfg: Config, corpus) -> None:
     world = dist.world_info()
     if not world.is_main:
         return
-    sizes = corpus.shard_sizes
-    parts = balanced_split(
-        check_shards_cover_ranks(corpus, world.world_size), sizes, world.world_size
-    )
-    shares = [sum(sizes[s] for s in part) for part in parts]  # the loader's split, any epoch
-    if cfg.data.batch_size > min(shares):
-        # a rank fills its batches by going round its shards again: the same samples twice
-        # in one batch; with fewer samples than one step of all ranks, epochs are 1 step
-        short = cfg.data.batch_size * world.world_size > corpus.num_samples
+    per_step = cfg.data.batch_size * world.world_size
+    if per_step > corpus.num_samples:
+        # every epoch is then one step of partial batches (data/order.py), some ranks padding
         log.warning(
-            "data.batch_size=%d is larger than a rank's share of the corpus (%d samples in "
-            "whole shards over %d ranks: %s per rank): batches repeat samples%s; use "
-            "--data.batch_size %d or less",
+            "data.batch_size=%d x %d ranks is more than the corpus' %d samples: each epoch "
+            "is 1 step of smaller batches; use --data.batch_size %d or less",
             cfg.data.batch_size,
-            corpus.num_samples,
             world.world_size,
-            shares,
-            " and each epoch is 1 step" if short else "",
-            min(shares),
+            corpus.num_samples,
+            max(1, corpus.num_samples // world.world_size),
         )
     ckpt = Checkpointer(cfg.train.out_dir)
     if cfg.train.resume == "latest" and ckpt.latest() is None:

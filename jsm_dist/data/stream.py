@@ -1,46 +1,45 @@
 """Streaming loaders over packed WebDataset shards: training and evaluation/refinement.
 
-Pipeline of one loader worker (open_clip style: each boundary says what flows there)::
+Training (positions of the epoch's canonical order; see order.py for the order and how
+ranks share it, shard_index.py for the reads)::
 
-    shard ids of this worker, one pass (train: reshuffled per pass)   (_one_pass)
+    this worker's steps k (k % workers == worker), each this rank's positions [a, b) of
+    the global batch of step k, from the loader's ``start`` (the data position) on
+      -> (shard, index) of each position (order.epoch_order: a pure function of seed, epoch)
+    raw sample by random access: the shard's tar header index, then seek + read of its
+    members (remote: read whole, once, from the stream or the shard cache)
+      -> {"__key__", "__url__", "rgb.jpg"|"rgb.png", "depth.png", "json", ["gt.png"]}
+    decode + label lookup (corrupt samples skipped and counted: a hole in their batch)
+      -> numpy {"rgb" u8 HxWx3, "depth" u16 = [0,1] near=1 x 65535, "label" u8 (store size),
+                "gt"? (never with ``read_gt=False``: gt.png is left undecoded), ids, text}
+    joint augmentation, its draws seeded by (seed, epoch, shard, index), + resize to
+    train_size, straight into the sample's row of a free shared-memory slot of this worker
+      -> {"_slot", "_stats" (this worker's counters), ids, text, ["_padding"]}
+
+Evaluation / refinement (a stream, each sample once)::
+
+    shard ids of this worker, in order                                  (_one_pass)
       -> {"url": source, "file", "bytes", "sha256"} (source: path, URL or pipe: command)
     open each shard: local file; remote: retrying, resuming stream, or the verified copy
     in the shard cache (the next one downloads meanwhile)     (shard_open.shard_streams)
-      -> the same + {"stream"} (a remote one is drained and verified when it is done)
     tar members grouped by key              (wds tar_file_expander + group_by_keys)
-      -> {"__key__", "__url__", "rgb.jpg"|"rgb.png", "depth.png", "json", ["gt.png"]}
-    shuffle buffer (train only, seeded by epoch and pass)       (wds.shuffle)
-      -> the same raw samples, in buffer order (drained at the end of each pass)
-    decode + label lookup (corrupt samples skipped and counted) (decode.SampleDecoder)
-      -> numpy {"rgb" u8 HxWx3, "depth" u16 = [0,1] near=1 x 65535, "label" u8 (store size),
-                "gt"? (never with ``read_gt=False``: gt.png is left undecoded), ids, text}
-    passes chained (eval: one; train: endless)                  (_samples)
-    joint augmentation + resize to train_size of each sample, straight into its row of
-    a free shared-memory slot of this worker (batch_size rows)   (augment.apply_into)
-      -> {"_slot", "_stats" (this worker's counters), ids, text}    (images in the slot)
-      (train: this worker's share of the epoch's batches, then it stops)
+    decode + label lookup, resize to train_size into a shared slot (no augmentation)
+
   main process (StreamLoader):
     slot -> batch dict (schema keys) of owned tensors, slot freed (batching.expand_batch)
       evaluation: float32 images; training: integer images when ``float_on_device``
       (the training step calls ``batching.to_float(batch, device)``), else float32
 
-Splitting. Training: every epoch the shard list is shuffled with a seed from (seed, epoch),
-identical on every rank, and dealt to ranks by a greedy balance on sample counts (for
-equal-size shards this is exactly ``split_by_node``'s ``rank::world`` on the shuffled list);
-each rank deals its shards to its workers the same way. Evaluation: rank r reads exactly
-the shards with ``dist.owner_of_shard(s, world) == r`` (the shards whose labels it refines
-and writes), in order, each sample once, the last batch of each worker possibly partial.
-
-Equal batch count per rank (no DDP hang at epoch end, whatever the shard sizes): a training
-worker repeats its shards endlessly (a new shard order each pass) and the loader stops
-after ``n_batches = max(1, num_samples // (world_size * batch_size))`` batches, the same
-number on every rank. Batch k comes from worker ``k % num_workers`` (the DataLoader's
-round-robin order), so each worker makes exactly its share and stops: nothing is decoded
-only to be thrown away at the end of the epoch. The shuffle buffer is drained at the end of
-every pass, so a worker delivers each of its samples once before it repeats any: an epoch
-is one pass over the corpus, except that a rank whose shards hold fewer samples than its
-share repeats a few and one with more leaves a few out (the per-epoch reshuffle and
-rebalance change which).
+Training position. The loader serves positions ``[start, end)`` of the epoch: ``len()`` =
+``ceil((end - start) / (world_size * batch_size))`` steps, the same on every rank (no DDP
+hang at epoch end, whatever the shard sizes); step k's global batch is positions
+``start + k W B ..`` and each rank takes its part of it. Every position of the epoch is
+delivered once over all ranks (the last global batch may be partial), and a resume at
+``start`` reads nothing before it: skipping costs nothing, whatever ``start`` is.
+Batch k comes from worker ``k % num_workers`` (the DataLoader's round-robin order), so
+each worker makes exactly its steps and stops. Evaluation: rank r reads exactly the shards
+with ``dist.owner_of_shard(s, world) == r`` (the shards whose labels it refines and
+writes), in order, each sample once, the last batch of each worker possibly partial.
 
 Corrupt data (a truncated tar, an undecodable member, a missing member): skipped with a
 warning; every worker counts them and sends its counters with each batch (and with an
@@ -54,8 +53,8 @@ byte where it broke, so the stream above sees the same bytes as from a local fil
 samples, ids and label-store addressing. Retries are counted (``loader.stats["retries"]``);
 a shard that stays unreadable counts like a corrupt tar (its unread samples are missing).
 
-Workers: ``num_workers`` processes per rank (0 = in the main process), never more than the
-rank's shards (clamped with a warning), started with ``start_method``. With ``fork`` (the
+Workers: ``num_workers`` processes per rank (0 = in the main process; evaluation: never more
+than the rank's shards, clamped with a warning), started with ``start_method``. With ``fork`` (the
 default, fast) the loader first sets OpenCV to one thread in this process: forking while
 OpenCV's pool has live threads left workers deadlocked in OpenCV (observed here).
 ``forkserver``/``spawn`` need the usual ``if __name__ == "__main__"`` guard in scripts.
@@ -83,7 +82,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from jsm_dist import dist, schema
-from jsm_dist.data import augment, decode, remote, shard_open
+from jsm_dist.data import augment, decode, order, remote, shard_index, shard_open
 from jsm_dist.data.batching import (
     SharedBatchRing,
     WorkerStats,
@@ -113,7 +112,11 @@ class DataConfig(augment.AugmentConfig):
         2, "loader processes per rank (0 = main process); <= shards per rank", check=at_least(0)
     )
     shuffle_buffer: int = setting(
-        256, "training shuffle buffer, samples (0 or 1 = shard order only)", check=at_least(0)
+        256,
+        "training shuffle window, samples: consecutive shards of the epoch's shard order are "
+        "shuffled together in groups of at least this many samples (0 or 1: shard order, "
+        "samples in tar order); a worker keeps a group's shards open",
+        check=at_least(0),
     )
     augment: bool = setting(True, "training augmentation on/off (evaluation never augments)")
     read_labels: bool = setting(True, "read the label from the label store (False: zeros)")
@@ -194,69 +197,84 @@ class _ShardStream(IterableDataset):
         cfg: DataConfig,
         worker_shards: list[list[int]],
         *,
-        train: bool,
-        seed: int,
-        rank: int,
-        epoch: int,
         store,
-        n_batches: int | None = None,
+        plan: order.TrainPlan | None = None,
         read_gt: bool = True,
     ) -> None:
         super().__init__()
         self.corpus, self.cfg, self.worker_shards = corpus, cfg, worker_shards
-        self.train, self.seed, self.rank, self.epoch, self.store = train, seed, rank, epoch, store
-        self.n_batches = n_batches  # train: batches of the epoch, over all workers
+        self.store, self.plan = store, plan
+        self.train = plan is not None
         self.read_gt = read_gt  # False: gt.png is dropped undecoded, batches carry zero gt
         self.ring: SharedBatchRing | None = None  # set by StreamLoader when it has workers
 
-    def _one_pass(self, shards: list[int], worker: int, pass_idx: int, stats: WorkerStats):
-        """Decoded samples of one pass over this worker's shards (not yet augmented)."""
-        cfg = self.cfg
-        base = dist.derive_seed(self.seed, self.rank, worker, self.epoch)
-        order = list(shards)
-        if self.train:
-            random.Random(dist.derive_seed(base, schema.SEED_SHARD_ORDER, pass_idx)).shuffle(order)
+    def _one_pass(self, shards: list[int], stats: WorkerStats):
+        """Decoded samples of one pass over this worker's shards, in shard order (eval)."""
         paths, infos = self.corpus.shard_paths, self.corpus.shards
         items = [
             {"url": paths[s], "file": infos[s].file, "bytes": infos[s].bytes,
              "sha256": infos[s].sha256}
-            for s in order
+            for s in shards
         ]  # fmt: skip
-        shuffling = self.train and cfg.shuffle_buffer > 1
         return wds.DataPipeline(
-            # this pass's shard order -> {"url": shard source, "file", "bytes", "sha256"}
+            # shard order -> {"url": shard source, "file", "bytes", "sha256"}
             lambda: iter(items),
             # -> raw samples {"__key__", "__url__", "<ext>": bytes}: opened (remote: retried,
             # cached), tar members grouped by key; bad tars and unreadable shards counted
             wds.pipelinefilter(shard_open.tar_samples)(self._opener, handler=stats.tar_error),
-            # raw samples -> the same, in shuffle-buffer order (train; buffer drained each pass)
-            wds.shuffle(
-                cfg.shuffle_buffer,
-                initial=cfg.shuffle_buffer,
-                rng=random.Random(dist.derive_seed(base, schema.SEED_SHUFFLE, pass_idx)),
-            )
-            if shuffling
-            else None,
             # raw -> decoded numpy samples + label from the store; corrupt ones counted, skipped
             wds.map(self._decoder, handler=stats.decode_error),
         )
 
-    def _samples(self, shards: list[int], worker: int, stats: WorkerStats):
-        """Eval: one pass. Train: endless passes, each in a new shard and buffer order."""
-        for pass_idx in itertools.count():
-            n = 0
-            for sample in self._one_pass(shards, worker, pass_idx, stats):
-                n += 1
-                yield sample
-            if not self.train:
-                return
-            if n == 0:
-                raise RuntimeError(f"no readable sample in shards {shards}: cannot fill batches")
+    def _eval_batches(self, shards: list[int], stats: WorkerStats):
+        """Eval: lists of up to ``batch_size`` decoded samples, one pass, in shard order."""
+        samples = iter(self._one_pass(shards, stats))
+        while batch := list(itertools.islice(samples, self.cfg.batch_size)):
+            yield batch, False
+
+    def _train_batches(self, worker: int, n_workers: int, stats: WorkerStats):
+        """Train: this worker's steps (``k % n_workers == worker``, the DataLoader's
+        round-robin), each the decoded samples of this rank's positions of step k.
+
+        Positions are read by (shard, index) from the canonical order: nothing before
+        ``plan.start`` is read or decoded. A corrupt sample leaves a hole in its batch and
+        shifts nothing. A batch with no readable sample (none left for this rank, or all
+        corrupt) becomes a padding batch of one sample, flagged ``_padding`` (the trainer
+        weights it zero)."""
+        plan, cfg = self.plan, self.cfg
+        ids = order.epoch_order(self.corpus.shard_sizes, plan.seed, plan.epoch, cfg.shuffle_buffer)
+        keep = order.max_group_shards(self.corpus.shard_sizes, cfg.shuffle_buffer) + 1
+        reader = shard_index.SampleReader(self.corpus, self._opener, keep, stats.tar_error)
+
+        def decoded(pos: int) -> dict | None:
+            shard, index = (int(v) for v in ids[pos])
+            try:
+                return self._decoder(reader.raw(shard, index))
+            except Exception as exc:  # noqa: BLE001 - WebDataset-style handler: count, go on
+                stats.decode_error(exc)
+                return None
+
+        try:
+            for k in range(worker, plan.n_steps, n_workers):
+                a, b = plan.rank_span(k)
+                batch = [x for x in map(decoded, range(a, b)) if x is not None]
+                if batch:
+                    yield batch, False
+                    continue
+                lo = plan.step_span(k)[0]  # padding: the first readable from here on
+                for pos in itertools.chain(range(lo, len(ids)), range(lo)):
+                    if (x := decoded(pos)) is not None:
+                        yield [x], True
+                        break
+                else:
+                    raise RuntimeError("no readable training sample in the corpus")
+        finally:
+            reader.close()
 
     def __iter__(self):
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        shards = self.worker_shards[worker]
+        n_workers = info.num_workers if info is not None else 1
         stats = WorkerStats(worker, log)
         cfg = self.cfg
         if self.store is not None:
@@ -277,8 +295,6 @@ class _ShardStream(IterableDataset):
                         worker, source, reason, attempt, wait)  # fmt: skip
 
         self._opener = shard_open.ShardOpener(remote.FetchPolicy.from_config(cfg), retried)
-        base = dist.derive_seed(self.seed, self.rank, worker, self.epoch)
-        aug_rng = np.random.default_rng(dist.derive_seed(base, schema.SEED_AUGMENT))
         augmenting = self.train and cfg.augment
         jitter = augmenting and cfg.color_jitter
         out_hw = (cfg.train_size, cfg.train_size)
@@ -286,20 +302,28 @@ class _ShardStream(IterableDataset):
         # without GT the batch's gt rows stay zero: shared slots start zeroed and nothing
         # writes them (their pages are never even touched), fallback batches are zeroed
         zero_gt = not self.read_gt
+        plan = self.plan
 
         def fill(sample: dict, rows: dict) -> None:
-            """Joint augmentation (train) + resize to train size, into the batch's rows."""
-            geom = augment.sample_geometry(aug_rng, cfg) if augmenting else augment.IDENTITY
-            augment.apply_into(sample, rows, geom, aug_rng, jitter, scratch)
+            """Joint augmentation (train) + resize to train size, into the batch's rows.
+
+            The draws come from the sample's own generator, seeded by (seed, epoch, shard,
+            index): the same augmentation whichever rank, worker or resume delivers it."""
+            rng = None
+            if augmenting:
+                rng = np.random.default_rng(
+                    dist.derive_seed(plan.seed, schema.SEED_AUGMENT, plan.epoch,
+                                     int(sample[schema.SHARD]), int(sample[schema.INDEX]))
+                )  # fmt: skip
+            geom = augment.sample_geometry(rng, cfg) if augmenting else augment.IDENTITY
+            augment.apply_into(sample, rows, geom, rng, jitter, scratch)
 
         ring = self.ring if info is not None else None
-        samples = self._samples(shards, worker, stats)  # across passes (train: endless)
-        quota = None  # eval: until the samples run out (the last batch may be partial)
-        if self.train:  # this worker's share: the DataLoader takes batch k from worker k % n
-            n_workers = info.num_workers if info is not None else 1
-            quota = len(range(worker, self.n_batches, n_workers))
-        n_batches = 0
-        while quota is None or n_batches < quota:
+        if self.train:
+            batches = self._train_batches(worker, n_workers, stats)
+        else:
+            batches = self._eval_batches(self.worker_shards[worker], stats)
+        for samples, padding in batches:
             # a free shared slot of this worker if it has one; else the DataLoader's own
             # transfer (the consumer is holding on to earlier batches)
             slot = ring.take(worker) if ring is not None else None
@@ -311,9 +335,9 @@ class _ShardStream(IterableDataset):
                     images[schema.GT].fill(0)
                 stats.unslotted += ring is not None
             # each sample is augmented into its row right after decoding (still in cache);
-            # only its ids and text are kept. A training batch may span two passes.
+            # only its ids and text are kept
             metas = []
-            for sample in itertools.islice(samples, cfg.batch_size):
+            for sample in samples:
                 sample_rows = rows(images, len(metas))
                 if zero_gt:
                     del sample_rows[schema.GT]
@@ -321,17 +345,14 @@ class _ShardStream(IterableDataset):
                 meta = {k: sample[k] for k in _META_KEYS}
                 meta[schema.GT] = True if sample.get(schema.GT) is not None else None  # for has_gt
                 metas.append(meta)
-            if not metas:  # eval: no sample left
-                if slot is not None:
-                    ring.give_back(worker, slot)
-                break
             batch = describe(metas)
+            if padding:
+                batch["_padding"] = True
             if slot is not None:
                 batch["_slot"] = slot
             else:
                 batch.update({k: torch.from_numpy(v[: len(metas)]) for k, v in images.items()})
             batch["_stats"] = stats.snapshot()
-            n_batches += 1
             yield batch
         yield {"_stats": stats.snapshot(), "_end": True}
 
@@ -367,6 +388,11 @@ class StreamLoader:
 
     def __len__(self) -> int:
         return self.n_batches
+
+    @property
+    def plan(self) -> order.TrainPlan | None:
+        """Training: the positions each step consumes (None for evaluation)."""
+        return self.dataset.plan
 
     def __iter__(self):
         cfg = self.dataset.cfg
@@ -524,49 +550,35 @@ def make_train_loader(
     seed: int,
     world: dist.WorldInfo | None = None,
     read_gt: bool = True,
+    start: int = 0,
+    end: int | None = None,
 ) -> StreamLoader:
-    """Shuffled, augmented, endless-per-worker stream cut at the same batch count on every rank.
+    """This rank's batches of epoch ``epoch`` from position ``start`` (samples of the epoch's
+    canonical order already consumed, order.py) up to ``end`` (default: all samples).
 
-    ``read_gt=False``: the ground-truth masks are never decoded or warped; every batch's
-    ``gt`` is zeros and ``has_gt`` is all False (the trainer sets it for the model modes
-    that do not train on GT; only ``full`` does). Evaluation loaders always read GT.
+    ``len()`` is the same on every rank: one batch per global step. ``read_gt=False``: the
+    ground-truth masks are never decoded or warped; every batch's ``gt`` is zeros and
+    ``has_gt`` is all False (the trainer sets it for the model modes that do not train on
+    GT; only ``full`` does). Evaluation loaders always read GT.
     """
     world = world or dist.world_info()
-    sizes = corpus.shard_sizes
-    nonempty = check_shards_cover_ranks(corpus, world.world_size)
-    per_rank = balanced_split(nonempty, sizes, world.world_size, dist.derive_seed(seed, epoch))
-    mine = per_rank[world.rank]
-    workers = _clamp_workers(cfg.num_workers, len(mine), "train loader")
-    worker_seed = dist.derive_seed(seed, world.rank, epoch)
-    worker_shards = balanced_split(mine, sizes, max(1, workers), worker_seed)
-    total = corpus.num_samples
-    n_batches = total // (world.world_size * cfg.batch_size)
-    if n_batches == 0:
-        log.warning(
-            "corpus of %d samples < world %d x batch %d: 1 batch per epoch (repeats)",
-            total,
-            world.world_size,
-            cfg.batch_size,
+    check_shards_cover_ranks(corpus, world.world_size)
+    end = corpus.num_samples if end is None else end
+    if not 0 <= start <= end <= corpus.num_samples:
+        raise ValueError(
+            f"train loader: positions [{start}, {end}) outside the epoch's "
+            f"{corpus.num_samples} samples (a checkpoint of another corpus?)"
         )
-        n_batches = 1
-    ds = _ShardStream(
-        corpus,
-        cfg,
-        worker_shards,
-        train=True,
-        seed=seed,
-        rank=world.rank,
-        epoch=epoch,
-        store=_open_store(corpus, cfg),
-        n_batches=n_batches,
-        read_gt=read_gt,
-    )
+    plan = order.TrainPlan(epoch, seed, start, end, world.rank, world.world_size, cfg.batch_size)
+    # workers share the steps round-robin; more workers than steps would idle
+    workers = min(cfg.num_workers, max(1, plan.n_steps))
+    ds = _ShardStream(corpus, cfg, [], store=_open_store(corpus, cfg), plan=plan, read_gt=read_gt)
     return StreamLoader(
         ds,
         num_workers=workers,
-        n_batches=n_batches,
+        n_batches=plan.n_steps,
         expected=None,
-        name=f"train loader (rank {world.rank}, epoch {epoch})",
+        name=f"train loader (rank {world.rank}, epoch {epoch}, from {start})",
     )
 
 
@@ -597,16 +609,7 @@ def make_eval_loader(
     workers = _clamp_workers(cfg.num_workers, len(mine), "eval loader")
     worker_shards = balanced_split(mine, sizes, max(1, workers)) if mine else [[]]
     n_batches = sum(math.ceil(sum(sizes[s] for s in g) / cfg.batch_size) for g in worker_shards)
-    ds = _ShardStream(
-        corpus,
-        cfg,
-        worker_shards,
-        train=False,
-        seed=0,
-        rank=world.rank,
-        epoch=0,
-        store=_open_store(corpus, cfg),
-    )
+    ds = _ShardStream(corpus, cfg, worker_shards, store=_open_store(corpus, cfg))
     return StreamLoader(
         ds,
         num_workers=workers,

@@ -64,8 +64,11 @@ def test_two_processes_exactly_once_eval_and_equal_train_steps(tmp_path):
     for r, res in enumerate(results):
         assert res["world"] == [r, 2]
         assert all(s % 2 == r for s, _ in res["eval_ids"])  # owner rule
-        assert res["train_batches"] == res["train_len"] == corpus.num_samples // (2 * 4)
+        # 30 samples over 2 ranks x 4: 4 steps, the last one 3 + 3
+        assert res["train_batches"] == res["train_len"] == 4
         assert res["eval_skipped"] == 0 and res["train_skipped"] == 0
+    train_ids = [tuple(x) for r in results for x in r["train_ids"]]
+    assert sorted(train_ids) == sorted(all_ids(corpus))  # one epoch: every sample once
 
 
 def _rank(corpus_dir: str, out_dir: str) -> None:
@@ -84,7 +87,9 @@ def _rank(corpus_dir: str, out_dir: str) -> None:
     ids = [(int(s), int(i)) for b in ev for s, i in zip(b["shard"], b["index"])]
     tr = make_train_loader(corpus, cfg, epoch=0, seed=1)
     n = 0
-    for _ in tr:
+    train_ids = []
+    for b in tr:
+        train_ids += [(int(s), int(i)) for s, i in zip(b["shard"], b["index"])]
         t = torch.ones(1)
         td.all_reduce(t)  # a collective per step, as DDP does
         n += 1
@@ -95,6 +100,7 @@ def _rank(corpus_dir: str, out_dir: str) -> None:
         "eval_skipped": ev.stats["skipped"],
         "train_batches": n,
         "train_len": len(tr),
+        "train_ids": train_ids,
         "train_skipped": tr.stats["skipped"],
     }
     Path(out_dir, f"rank{world.rank}.json").write_text(json.dumps(record))

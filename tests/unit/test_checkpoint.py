@@ -17,17 +17,29 @@ def _acc_model():
 def test_save_resume_restores_weights_and_state(tmp_path):
     acc, model, _opt = _acc_model()
     ck = Checkpointer(tmp_path, keep=2)
-    state = TrainState(epoch=1, step_in_epoch=3, global_step=7, label_generation=2)
+    state = TrainState(epoch=1, samples_in_epoch=20, samples_seen=52, step_in_epoch=3,
+                       global_step=7, label_generation=2)  # fmt: skip
     path = ck.save(acc, state, json.dumps({"x": 1}))
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    back = Checkpointer.load(acc, path)
+    back = Checkpointer.load(acc, path, samples_per_step=8)
     assert back == state
     for k, v in model.state_dict().items():
         assert torch.equal(v, saved[k])
     assert json.loads((path / "config.json").read_text()) == {"x": 1}
+
+
+def test_a_checkpoint_that_records_steps_only_resumes_at_steps_times_samples(tmp_path):
+    """Checkpoints written before the data position was a sample count."""
+    acc, _, _ = _acc_model()
+    path = Checkpointer(tmp_path).save(acc, TrainState(global_step=7), "{}")
+    legacy = {"epoch": 1, "step_in_epoch": 3, "global_step": 7, "label_generation": 0,
+              "refine_pending": False, "refinements": 1}  # fmt: skip
+    (path / "train_state.json").write_text(json.dumps(legacy))
+    back = Checkpointer.load(acc, path, samples_per_step=8)
+    assert (back.samples_in_epoch, back.samples_seen, back.step_in_epoch) == (24, 56, 3)
 
 
 def test_latest_ignores_incomplete_and_rotation_keeps_k(tmp_path):

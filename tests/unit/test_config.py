@@ -80,7 +80,7 @@ def test_text_lr_gives_the_text_network_its_own_group(mode):
          "--model.mode", mode, "--model.text_hidden", "32", "--model.text_layers", "1"]
     )  # fmt: skip
     model = JSMModel(cfg.model, ["<negative>", "cat", "dog"])
-    opt, _ = build_optimizer(cfg, model, steps_total=10)
+    opt, _ = build_optimizer(cfg, model, total_samples=80)
     lrs = {g["name"]: g["lr"] for g in opt.param_groups}
     assert lrs.pop("text", None) == (pytest.approx(2e-3) if mode == "weak" else None)
     # the decoders at lr x train.decoder_lr_mult (10 here), the rest at lr
@@ -89,7 +89,7 @@ def test_text_lr_gives_the_text_network_its_own_group(mode):
     assert lrs and all(v == pytest.approx(1e-4) for v in lrs.values())
     cfg.train.text_lr = 0.0  # 0 = same as lr
     cfg.train.decoder_lr_mult = 1.0  # 1 = one rate (reference): no decoder groups
-    opt, _ = build_optimizer(cfg, model, steps_total=10)
+    opt, _ = build_optimizer(cfg, model, total_samples=80)
     assert all(g["lr"] == pytest.approx(1e-4) for g in opt.param_groups)
     assert not any(g["name"].endswith("_decoder") for g in opt.param_groups)
 

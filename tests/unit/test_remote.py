@@ -114,8 +114,8 @@ def test_train_loader_same_batches_as_local_through_a_dropped_connection(corpus,
                 got = _batches(view, cfg, epoch, rank)
                 _assert_same_batches(got, _batches(corpus, cfg, epoch, rank))
                 ids += _ids(got)
-            # the usual per-epoch coverage: 22 samples / (2 ranks x 3) = 3 batches per rank
-            assert len(ids) == 18 and set(ids) <= all_ids(corpus)
+            # an epoch delivers every sample once over both ranks (4 steps, the last partial)
+            assert sorted(ids) == sorted(all_ids(corpus))
     assert server.dropped == [DROP]
 
 

@@ -120,7 +120,11 @@ def test_train_batches_reproducible_with_workers_and_stats_after_len_batches(tmp
     assert [x["key"] for x in ba] == [x["key"] for x in bb]
     for x, y in zip(ba, bb):
         assert torch.equal(x["rgb"], y["rgb"]) and torch.equal(x["label"], y["label"])
-    assert a.stats["batches"] == len(a) == 7  # summary done before the caller's last step
+    # 22 samples in batches of 3: 8 steps, the last one partial (every sample once)
+    assert a.stats["batches"] == len(a) == 8  # summary done before the caller's last step
+    assert sorted(k for x in ba for k in x["key"]) == sorted(
+        f"tiny_{s:03d}_{i:04d}" for s, i in all_ids(corpus)
+    )
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -167,11 +171,11 @@ def test_train_workers_decode_only_their_share_of_the_epoch(tmp_path, monkeypatc
     monkeypatch.setattr(decode.SampleDecoder, "__call__", counting_decode)
     cfg = _cfg(num_workers=2, batch_size=3, prefetch_factor=2, shuffle_buffer=4)
     loader = make_train_loader(corpus, cfg, epoch=0, seed=0, world=WorldInfo())
-    assert len(loader) == 11
+    assert len(loader) == 12  # 34 samples: 11 full batches and one of 1
     it = iter(loader)  # the training loop takes exactly len() batches
     got = [next(it) for _ in range(len(loader))]
-    assert sum(len(b["key"]) for b in got) == 33
-    assert len(log_file.read_text().splitlines()) == 33  # nothing decoded and thrown away
+    assert sum(len(b["key"]) for b in got) == 34
+    assert len(log_file.read_text().splitlines()) == 34  # nothing decoded and thrown away
 
 
 def test_eval_rank_without_shards_gets_nothing(tmp_path):

@@ -108,7 +108,9 @@ def test_fewer_nonempty_shards_than_ranks(tmp_path, capsys, runs, monkeypatch):
     assert runs == []
 
 
-def test_batch_larger_than_a_ranks_share_is_logged(corpus, tmp_path, caplog, runs, monkeypatch):
+def test_batch_larger_than_the_corpus_per_rank_is_logged(
+    corpus, tmp_path, caplog, runs, monkeypatch
+):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     argv = ["--corpus", str(corpus.root), "--out_dir", str(tmp_path / "run")]
@@ -116,20 +118,20 @@ def test_batch_larger_than_a_ranks_share_is_logged(corpus, tmp_path, caplog, run
         assert train.main([*argv, "--data.batch_size", "16"]) == 0
     assert len(runs) == 1  # a warning, not a refusal
     text = caplog.text
-    assert "data.batch_size=16" in text and "24 samples" in text and "[12, 12] per rank" in text
+    assert "data.batch_size=16 x 2 ranks" in text and "24 samples" in text
     assert "each epoch is 1 step" in text and "--data.batch_size 12 or less" in text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="jsm_dist.train"):
         assert train.main([*argv, "--data.batch_size", "12"]) == 0  # exactly one step each
     assert "batch_size" not in caplog.text
-    # whole shards: 20 + 4 samples give one rank 4, less than a batch of 8, though the
-    # corpus holds 24 >= 2 ranks x 8
+    # shards of 20 + 4 samples: ranks take their batches from the epoch's order, not from
+    # whole shards of their own, so 2 ranks x 8 <= 24 needs no warning
     uneven = make_tiny_corpus(tmp_path / "u", shard_sizes=(20, 4))
     argv = ["--corpus", str(uneven.root), "--out_dir", str(tmp_path / "run2")]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="jsm_dist.train"):
         assert train.main([*argv, "--data.batch_size", "8"]) == 0
-    assert "[20, 4] per rank" in caplog.text and "1 step" not in caplog.text
+    assert "batch_size" not in caplog.text
 
 
 def test_resume_latest_without_checkpoint_says_it_starts_fresh(
