@@ -15,6 +15,7 @@ tests/integration/test_refine_dist.py.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection
 
 import numpy as np
@@ -45,13 +46,18 @@ def data_config(num_workers: int = 0) -> DataConfig:
 class IdModel(torch.nn.Module):
     """Stand-in with ``JSMModel.refine``'s interface; ``generation`` is the one being written."""
 
-    def __init__(self, generation: int) -> None:
+    def __init__(self, generation: int, crf_sleep: float = 0.0) -> None:
         super().__init__()
         self.generation = generation
+        self.crf_sleep = crf_sleep  # seconds per batch reported as spent in the CRF
         self.seen: list[tuple[int, int, int]] = []  # (shard, index, current label value)
 
     @torch.no_grad()
-    def refine(self, batch: dict, text=None) -> dict[str, torch.Tensor]:
+    def refine(self, batch: dict, text=None, timings=None) -> dict[str, torch.Tensor]:
+        if self.crf_sleep:
+            time.sleep(self.crf_sleep)
+            if timings is not None:
+                timings["crf"] = timings.get("crf", 0.0) + self.crf_sleep
         shards = batch[schema.SHARD].tolist()
         indices = batch[schema.INDEX].tolist()
         b, _, h, w = batch[schema.RGB].shape

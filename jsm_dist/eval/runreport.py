@@ -209,7 +209,18 @@ def timing(records: list[dict]) -> dict:
     samples = sum(r.get("samples", 0) for r in steps)
     wait = sum(r.get("data_time", 0.0) for r in steps)
     total = train_s + refine_s + fit_s
+    phases: dict[str, float] = {}
+    for r in refines:
+        fit = r.get("text_fit") or {}
+        parts = {
+            "collect": fit.get("collect_seconds", 0.0),
+            "fit": fit.get("seconds", 0.0) - fit.get("collect_seconds", 0.0),
+            **(r.get("phases") or {}),
+        }
+        for k, v in parts.items():
+            phases[k] = phases.get(k, 0.0) + v
     return {
+        "phases": phases,
         "train_s": train_s,
         "text_fit_s": fit_s,
         "refine_s": refine_s,
@@ -258,6 +269,20 @@ def build_report(run: Path, eval_corpus: str | None, out: Path) -> Path:
         ),
         "",
     ]
+    if tm["phases"]:
+        names = list(tm["phases"])
+        md += [
+            (
+                "Refinement time by phase (seconds on rank 0, all passes): text fitting "
+                "(`collect` = the saliency forward that caches its features, `fit` = its epochs), "
+                "then the pass (`decode` = waiting for the loader, `forward` = the label update "
+                "without the CRF, `write` = the label store, `evaluation` = statistics and GT "
+                "scores, `commit` = the collective commit)."
+            ),
+            "",
+            _table(names, [[tm["phases"][k] for k in names]]),
+            "",
+        ]
     md += [
         "## Pseudo-label quality per generation (training split, vs GT)",
         "",

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 
 import torch
 import torch.nn.functional as F
@@ -162,12 +163,15 @@ class JSMModel(nn.Module):
 
     # ---- label update ----------------------------------------------------------------------
     @torch.no_grad()
-    def refine(self, batch: dict, text: TSM | None = None) -> schema.RefineOutput:
+    def refine(
+        self, batch: dict, text: TSM | None = None, timings: dict | None = None
+    ) -> schema.RefineOutput:
         """New labels for an un-augmented batch (runs in eval mode, restores the mode after).
 
         Returns ``label`` (B, 1, H, W) in [0, 1], ``candidate`` = BNS ``L_d`` (B, 1, H, W),
         ``conf`` (B, 2) float32 = (w_g, w_d). ``text``: a text network to score the
         candidates with instead of ``self.text`` (the fitted copy of ``jsm_dist.refine.textfit``).
+        ``timings``: a dict whose ``"crf"`` entry gains the seconds spent in the CRF.
         """
         was_training = self.training
         scorer = text if text is not None else self.text
@@ -176,7 +180,7 @@ class JSMModel(nn.Module):
         if scorer is not None:
             scorer.eval()  # a scorer from outside the module too: no dropout in the update
         try:
-            return self._refine(batch, scorer)
+            return self._refine(batch, scorer, timings)
         finally:
             self.train(was_training)
             if scorer is not None:
@@ -223,7 +227,7 @@ class JSMModel(nn.Module):
         out[rank[k_idx, b_idx], b_idx] = regs.masks[k_idx, b_idx]
         return out
 
-    def _refine(self, batch: dict, text: TSM | None) -> dict[str, torch.Tensor]:
+    def _refine(self, batch: dict, text: TSM | None, timings=None) -> dict[str, torch.Tensor]:
         rgb = batch[schema.RGB]
         l_g = batch[schema.LABEL].to(rgb.dtype)
         b = rgb.shape[0]
@@ -258,7 +262,10 @@ class JSMModel(nn.Module):
         label = jsm.postprocess(label, self.cfg.post_sigmoid, self.cfg.post_minmax)
         if self.cfg.crf:
             params = crf.CRFParams(size=self.cfg.crf_size, iters=self.cfg.crf_iters)
+            t0 = time.perf_counter()
             label = crf.dense_crf(label, rgb, params, workers=self.cfg.crf_workers)
+            if timings is not None:
+                timings["crf"] = timings.get("crf", 0.0) + time.perf_counter() - t0
         label = label.clamp(0, 1)
         out = {schema.LABEL: label, "candidate": l_d, "conf": conf.float().contiguous(), **extra}
         if text is not None:

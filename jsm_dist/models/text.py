@@ -124,6 +124,16 @@ class TextBatch:
         """The rows ``idx`` (padding kept)."""
         return TextBatch(self.input_ids[idx], self.attention_mask[idx], self.mask_index[idx])
 
+    def trimmed(self) -> TextBatch:
+        """The same batch cut to its longest row (tokenizers pad at the end)."""
+        if self.attention_mask.numel() == 0:
+            return self
+        used = self.attention_mask.any(0).nonzero()
+        t = int(used[-1]) + 1 if len(used) else 1
+        if t == self.input_ids.shape[1]:
+            return self
+        return TextBatch(self.input_ids[:, :t], self.attention_mask[:, :t], self.mask_index)
+
 
 class TSM(nn.Module):
     """Visual token + masked caption -> logits over ``len(vocab)`` classes (0 = negative)."""
@@ -185,6 +195,7 @@ class TSM(nn.Module):
         self.v_drop = nn.Dropout(dropout)
         # reference fc_comp1 -> fc_comp2 (two linears, no activation in between)
         self.head = nn.Sequential(nn.Linear(width, width), nn.Linear(width, len(self.vocab)))
+        self.fast = True  # forward_pooled's last-layer-at-the-mask path (False: BERT's own)
 
     # ---- text ----------------------------------------------------------------------------
     def encode_text(
@@ -253,16 +264,62 @@ class TSM(nn.Module):
         return self.forward_pooled(self.masked_pool(feat, maps), text)
 
     def forward_pooled(self, pooled: torch.Tensor, text: TextBatch) -> torch.Tensor:
-        """:meth:`forward` from already pooled masked features (K, B, C)."""
+        """:meth:`forward` from already pooled masked features (K, B, C).
+
+        Two savings that leave the function as it was (tested against the plain BERT call,
+        ``fast=False``): the batch is cut to its longest caption (padding at the end is
+        masked out anyway), and for a BERT encoder (``tiny``, MiniLM) the last layer is
+        computed at the mask position alone, the only output read (:func:`bert_at`).
+        """
         k, b = pooled.shape[:2]
+        text = text.trimmed()
         vis = self.visual_token(pooled).reshape(k * b, 1, -1)
         emb = self.bert.get_input_embeddings()(text.input_ids)  # (B, T, width)
         emb = emb.unsqueeze(0).expand(k, *emb.shape).reshape(k * b, *emb.shape[1:])
         att = text.attention_mask.repeat(k, 1)
         ones = torch.ones(k * b, 1, dtype=att.dtype, device=att.device)
-        out = self.bert(
-            inputs_embeds=torch.cat([vis, emb], 1), attention_mask=torch.cat([ones, att], 1)
-        ).last_hidden_state
+        embeds, mask = torch.cat([vis, emb], 1), torch.cat([ones, att], 1)
         idx = text.mask_index.repeat(k) + 1  # +1: the visual token sits in front
-        h = out[torch.arange(k * b, device=out.device), idx]
+        if self.fast and _is_bert(self.bert):
+            h = bert_at(self.bert, embeds, mask, idx)
+        else:
+            out = self.bert(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+            h = out[torch.arange(k * b, device=out.device), idx]
         return self.head(h).reshape(k, b, -1)
+
+
+def _is_bert(model: nn.Module) -> bool:
+    from transformers import BertModel
+
+    return isinstance(model, BertModel) and not model.config.is_decoder
+
+
+def bert_at(bert: nn.Module, embeds: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor):
+    """``bert(inputs_embeds=embeds, attention_mask=mask).last_hidden_state[n, idx[n]]``,
+    (N, width), with the last layer evaluated at position ``idx`` only.
+
+    Every layer but the last runs as in BERT; in the last one the keys and values still
+    come from every position but the query, the attention output and the feed-forward
+    block only from the row's ``idx`` (the other positions' outputs are never read). The
+    layers' own sub-modules (projections, output blocks, dropouts) are used, so train
+    mode draws dropout exactly where BERT would at the positions that matter.
+    """
+    h = bert.embeddings(inputs_embeds=embeds)
+    n, t, _ = h.shape
+    # additive mask as BERT builds it: 0 where attended, the dtype's minimum on padding
+    add = (1.0 - mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
+    layers = bert.encoder.layer
+    rows = torch.arange(n, device=h.device)
+    for i, layer in enumerate(layers):
+        sa = layer.attention.self
+        x = h[rows, idx][:, None] if i == len(layers) - 1 else h  # the queries' positions
+        heads, d = sa.num_attention_heads, sa.attention_head_size
+        q = sa.query(x).view(n, -1, heads, d).transpose(1, 2)
+        key = sa.key(h).view(n, t, heads, d).transpose(1, 2)
+        val = sa.value(h).view(n, t, heads, d).transpose(1, 2)
+        ctx = F.scaled_dot_product_attention(
+            q, key, val, attn_mask=add, dropout_p=sa.dropout.p if sa.training else 0.0
+        )
+        a = layer.attention.output(ctx.transpose(1, 2).reshape(n, -1, heads * d), x)
+        h = layer.output(layer.intermediate(a), a)
+    return h[:, 0]

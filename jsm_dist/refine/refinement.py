@@ -114,12 +114,16 @@ def refine_labels(
     it = loader
     if progress and world.is_main:
         it = tqdm(loader, desc=f"refine gen {new_gen}", unit="batch", leave=False)
+    phases = dict.fromkeys(("decode", "forward", "crf", "write", "evaluation", "commit"), 0.0)
+    clock = _Clock(phases)
     for batch in it:
+        clock.lap("decode")
         batch = to_float(batch, device)
-        out = model.refine(batch, text=text)
-        new_u8 = to_label_size(out["label"], store.label_size)
+        out = model.refine(batch, text=text, timings=phases)
         conf = out.get("conf")
         conf_np = conf.float().cpu().numpy().astype(np.float32) if conf is not None else None
+        clock.lap("forward", minus="crf")
+        new_u8 = to_label_size(out["label"], store.label_size)
         shards = batch[schema.SHARD].cpu().numpy()
         indices = batch[schema.INDEX].cpu().numpy()
         for s in np.unique(shards):
@@ -130,18 +134,44 @@ def refine_labels(
                 new_u8[sel],
                 conf_np[sel] if conf_np is not None else None,
             )
+        clock.lap("write")
         dist.fault_point("refine_batch", acc.samples_seen)  # crash tests: die mid-pass
         acc.step(batch, out, new_u8, conf_np)
+        clock.lap("evaluation")
+    clock.lap("decode")  # the loader's end of stream
     acc.carried(carry_over_undelivered(writer, loader.stats.get("missing", {})))
     writer.close()
+    clock.lap("write")
     store.commit(new_gen)  # collective: barrier, rank-0 verify + manifest, barrier
     store.refresh()
+    clock.lap("commit")
     if was_training:
         model.train()
     stats = acc.get_results(new_gen)  # collective: sums over ranks, GT scores on rank 0
-    stats.seconds = time.perf_counter() - t0
+    clock.lap("evaluation")
     dist.barrier()
+    clock.lap("commit")
+    stats.seconds = time.perf_counter() - t0
+    stats.phases = phases
     return stats
+
+
+class _Clock:
+    """Adds the time since the last lap to ``phases[name]`` (``minus``: a phase timed inside
+    that stretch by someone else, subtracted so that no second is counted twice)."""
+
+    def __init__(self, phases: dict[str, float]):
+        self.phases, self.t = phases, time.perf_counter()
+        self.inner = 0.0
+
+    def lap(self, name: str, minus: str | None = None) -> None:
+        now = time.perf_counter()
+        dt = now - self.t
+        if minus is not None:
+            dt -= self.phases[minus] - self.inner
+            self.inner = self.phases[minus]
+        self.phases[name] += dt
+        self.t = now
 
 
 def carry_over_undelivered(writer, missing: dict[int, int]) -> int:

@@ -40,6 +40,10 @@ class RefineStats:
     quality_old: dict = field(default_factory=dict)  # metrics of generation g vs GT
     quality_new: dict = field(default_factory=dict)  # metrics of generation g+1 vs GT
     choice: dict = field(default_factory=dict)  # candidate_choice() vs GT (rank 0)
+    # rank 0's seconds by phase: decode (waiting for the loader), forward (the model's
+    # update without the CRF), crf, write (to the store), evaluation (statistics and GT
+    # scores), commit (the collective commit and the last barrier)
+    phases: dict = field(default_factory=dict)
     grid: list = field(default_factory=list)  # a few rows for the image grid (rank 0)
 
     def to_log(self) -> dict:

@@ -75,7 +75,8 @@ class FitStats:
     epochs: int = 0
     loss_first: float = float("nan")  # mean TSM loss of the first / last fitting epoch
     loss_last: float = float("nan")
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole fit (fit_scorer: collecting the features included)
+    collect_seconds: float = 0.0  # of which collecting (a saliency forward per sample)
 
 
 def fit_pooled(
@@ -460,8 +461,10 @@ def fit_scorer(
     (``train.text_fit_negatives``; :meth:`JSMModel.text_pooled`).
     """
     world = dist.world_info()
+    t0 = time.perf_counter()
     per_rank = -(-max_samples // world.world_size) if max_samples > 0 else 0
     mine = collect_pooled(model, corpus, data_cfg, device, per_rank, negatives)
+    collect_s = time.perf_counter() - t0
     order = np.lexsort((mine["index"], mine["shard"]))  # a fixed order within the rank
     positions, total = global_positions(
         corpus, world.world_size, per_rank, mine["shard"][order], mine["index"][order]
@@ -479,6 +482,7 @@ def fit_scorer(
         positions=torch.from_numpy(positions),
         total=total,
     )
+    stats.collect_seconds, stats.seconds = collect_s, time.perf_counter() - t0
     if world.is_main:
         log.info(
             "text fitting: %d samples, %d epochs, %d ranks, loss %.4f -> %.4f, %.1fs",

@@ -115,6 +115,20 @@ def test_refine_pass_writes_every_sample_its_own_label_and_side_columns(tmp_path
     assert store.generations == [0, 1, 2]
 
 
+def test_pass_times_its_phases_without_counting_a_second_twice(tmp_path):
+    corpus = make_tiny_corpus(tmp_path, shard_sizes=SHARDS, size=32, label_size=16)
+    store = LabelStore.open(corpus.label_dir)
+    model = IdModel(generation=1, crf_sleep=0.05)
+    stats = refine_labels(model, corpus, store, data_config(), progress=False)
+    ph = stats.phases
+    assert set(ph) == {"decode", "forward", "crf", "write", "evaluation", "commit"}
+    batches = -(-sum(SHARDS) // data_config().batch_size)  # batches straddle shards
+    assert ph["crf"] == pytest.approx(0.05 * batches)
+    assert 0 <= ph["forward"] < 0.05 * batches  # the CRF's sleep is not counted again here
+    assert all(v >= 0 for v in ph.values())
+    assert sum(ph.values()) <= stats.seconds + 1e-6
+
+
 def test_pass_statistics_say_whether_labels_sit_on_the_object():
     """quality_old / quality_new carry eval/objects.py's diagnostics of exactly the labels
     the pass read and wrote, against GT."""

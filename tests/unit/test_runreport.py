@@ -50,6 +50,10 @@ def test_label_rows_from_refine_events(tmp_path):
     recs[1]["text_fit"] = {"seconds": 3.0, "samples": 8}  # text fitting counts as refinement
     tm = timing(recs)
     assert tm["text_fit_s"] == 3.0 and tm["refine_share"] == 7.0 / 9.0
+    recs[1]["text_fit"]["collect_seconds"] = 1.0
+    recs[1]["phases"] = {"decode": 0.5, "crf": 2.0}
+    recs[2]["phases"] = {"decode": 0.25, "crf": 1.0}
+    assert timing(recs)["phases"] == {"collect": 1.0, "fit": 2.0, "decode": 0.75, "crf": 3.0}
     png = plot_label_quality(rows, tmp_path / "q.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
