@@ -285,7 +285,8 @@ class JSMModel(nn.Module):
         scores = regions.confidence_scores(regs, s_prob)
         if text is not None and self.cfg.region_score == "text":
             word = batch[schema.WORD].to(l_g.device).long()
-            logits = text(feat, regs.masks, self._text_batch(batch, l_g.device, text))
+            tb = self._text_batch(batch, l_g.device, text)
+            logits = text(feat, regs.masks, tb, rows=regs.valid)  # absent regions: not computed
             by_text = jsm.candidate_score(logits, word, "word_vs_negative")
             # no salient word: no text evidence, the text-free score decides
             scores = torch.where((word == schema.NEGATIVE_CLASS)[None], scores, by_text)

@@ -259,9 +259,34 @@ class TSM(nn.Module):
         v = F.linear(pooled, w, self.v_conv.bias)
         return self.v_fc(self.v_drop(v))
 
-    def forward(self, feat: torch.Tensor, maps: torch.Tensor, text: TextBatch) -> torch.Tensor:
-        """Logits (K, B, n_classes) for K visual masks of the same captions, in one pass."""
-        return self.forward_pooled(self.masked_pool(feat, maps), text)
+    def forward(
+        self,
+        feat: torch.Tensor,
+        maps: torch.Tensor,
+        text: TextBatch,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (K, B, n_classes) for K visual masks of the same captions, in one pass
+        (``rows`` (K, B) bool: only those, the others 0; :meth:`forward_rows`)."""
+        pooled = self.masked_pool(feat, maps)
+        if rows is not None:
+            return self.forward_rows(pooled, text, rows)
+        return self.forward_pooled(pooled, text)
+
+    def forward_rows(
+        self, pooled: torch.Tensor, text: TextBatch, rows: torch.Tensor, fill: float = 0.0
+    ) -> torch.Tensor:
+        """:meth:`forward_pooled` (K, B, n_classes) computed only where ``rows`` (K, B) bool
+        is True (e.g. maps that exist); the other entries are ``fill``. Same values as
+        :meth:`forward_pooled` at those rows: every row of the network is independent."""
+        k, b = pooled.shape[:2]
+        if not bool(rows.any()):
+            return pooled.new_full((k, b, len(self.vocab)), fill)
+        sample = torch.arange(b, device=pooled.device).expand(k, b)[rows]
+        flat = self.forward_pooled(pooled[rows][None], text.select(sample))[0]
+        out = flat.new_full((k, b, flat.shape[-1]), fill)
+        out[rows] = flat
+        return out
 
     def forward_pooled(self, pooled: torch.Tensor, text: TextBatch) -> torch.Tensor:
         """:meth:`forward` from already pooled masked features (K, B, C).

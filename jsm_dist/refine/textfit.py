@@ -249,8 +249,10 @@ def _fit_epochs(fitted, opt, params, part: _Part, gen, epochs, batch_size, clip,
             if len(idx):  # else an empty micro-batch: zero gradient, same collectives
                 idx = idx.to(device)
                 pooled, tokens = part.pooled[:, idx], part.tokens.select(idx)
-                logp = torch.log_softmax(fitted.forward_pooled(pooled, tokens), -1)
                 valid = pooled[2:].abs().amax(-1) > 0  # an empty region pools to zeros
+                # rows of absent regions carry no loss: they are not computed at all
+                rows = torch.cat([valid.new_ones(2, len(idx)), valid])
+                logp = torch.log_softmax(fitted.forward_rows(pooled, tokens, rows), -1)
                 loss = batch_loss_share(logp, part.words[idx], n, n_word, valid)
                 loss.backward()
                 loss_sum += float(loss.detach()) * n

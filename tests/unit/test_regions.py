@@ -177,7 +177,7 @@ class PlaceText(torch.nn.Module):
     def encode_text(self, captions, word_pos, words, device):
         return torch.as_tensor(words).long()
 
-    def forward(self, feat, maps, words):
+    def forward(self, feat, maps, words, rows=None):  # every row computed: rows is a hint
         size = maps.shape[-2:]
         t = torch.nn.functional.interpolate(self.target, size=size)
         inside = (maps * t).sum((-3, -2, -1)) / maps.sum((-3, -2, -1)).clamp(min=1e-6)

@@ -95,3 +95,39 @@ def test_trimmed_keeps_rows_and_cuts_only_common_padding():
     assert torch.equal(tb.input_ids, ids[:, :3]) and torch.equal(tb.attention_mask, att[:, :3])
     full = TextBatch(ids[:, :3], att[:, :3], torch.tensor([0, 1]))
     assert full.trimmed() is full
+
+
+def test_forward_rows_computes_the_chosen_rows_and_fills_the_rest():
+    tsm = make_tsm("tiny").eval()
+    text = captions_batch(tsm)
+    pooled = torch.randn(5, 4, 12)
+    rows = torch.rand(5, 4) > 0.5
+    rows[0, 0], rows[1, 0] = True, False
+    got = tsm.forward_rows(pooled, text, rows, fill=-7.0)
+    want = tsm.forward_pooled(pooled, text)
+    assert torch.allclose(got[rows], want[rows], atol=1e-5)
+    assert (got[~rows] == -7.0).all()
+    none = tsm.forward_rows(pooled, text, torch.zeros(5, 4, dtype=torch.bool))
+    assert none.shape == want.shape and (none == 0).all()
+
+
+def test_region_scores_skip_absent_regions_without_changing_the_labels(monkeypatch):
+    """Region repair scores only the regions that exist; scoring every row (the plain way)
+    gives the same labels."""
+    from benchmarks.model import VOCAB as MODEL_VOCAB
+    from benchmarks.model import make_batch
+    from jsm_dist import schema
+    from jsm_dist.models import JSMModel, ModelConfig
+
+    cfg = ModelConfig(encoder="tiny", text_model="tiny", text_hidden=32, text_heads=2,
+                      crf=False, label_update="regions", region_score="text")  # fmt: skip
+    torch.manual_seed(0)
+    model = JSMModel(cfg, MODEL_VOCAB, load_pretrained=False)
+    batch = make_batch(4, 32, seed=1)
+    got = model.refine(batch)
+    monkeypatch.setattr(
+        TSM, "forward_rows", lambda self, p, t, r, fill=0.0: self.forward_pooled(p, t)
+    )
+    want = model.refine(batch)
+    assert got["region_repaired"].any()
+    torch.testing.assert_close(got[schema.LABEL], want[schema.LABEL], atol=1e-5, rtol=0)
