@@ -77,7 +77,7 @@ def main(root: str, out: str, rank: int, world: int, port: str, dropout: float, 
         record = {
             "state": fitted.state_dict(),
             "initial": initial,
-            "stats": {k: v for k, v in asdict(stats).items() if k != "seconds"},
+            "stats": {k: v for k, v in asdict(stats).items() if not k.endswith("seconds")},
             "cached": sum(corpus.shard_sizes[s] for s in mine),
         }
         torch.save(record, Path(out) / f"rank{rank}.pt")
