@@ -19,7 +19,8 @@ NPROC="${NPROC:-2}"
 CONFIG="${CONFIG:-configs/demo.yaml}"
 # Training overrides (unset = the value in $CONFIG): EPOCHS, TAU, ENCODER, BATCH, TEXT_FIT (text-network
 # epochs on cached features before each refinement), JSM_SCORE (word_vs_negative | word = reference),
-# LABEL_UPDATE (regions | blend = the paper's update), REGION_SCORE (text | saliency = without text).
+# LABEL_UPDATE (regions | blend = the paper's update), REGION_SCORE (text | saliency = without text),
+# SEED (train.seed: initialisation, data order, augmentation; the corpus stays the same).
 overrides=()
 [ -n "${EPOCHS:-}" ] && overrides+=(--train.epochs "$EPOCHS")
 [ -n "${TAU:-}" ] && overrides+=(--train.tau "$TAU")
@@ -29,6 +30,7 @@ overrides=()
 [ -n "${BATCH:-}" ] && overrides+=(--data.batch_size "$BATCH")
 [ -n "${LABEL_UPDATE:-}" ] && overrides+=(--model.label_update "$LABEL_UPDATE")
 [ -n "${REGION_SCORE:-}" ] && overrides+=(--model.region_score "$REGION_SCORE")
+[ -n "${SEED:-}" ] && overrides+=(--train.seed "$SEED")
 [ -n "$train_size_override" ] && overrides+=(--data.train_size "$train_size_override")
 PORT="${PORT:-$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 
