@@ -326,8 +326,9 @@ def bert_at(bert: nn.Module, embeds: torch.Tensor, mask: torch.Tensor, idx: torc
     Every layer but the last runs as in BERT; in the last one the keys and values still
     come from every position but the query, the attention output and the feed-forward
     block only from the row's ``idx`` (the other positions' outputs are never read). The
-    layers' own sub-modules (projections, output blocks, dropouts) are used, so train
-    mode draws dropout exactly where BERT would at the positions that matter.
+    layers' own sub-modules (projections, output blocks, dropouts) are used: in train mode
+    the positions that matter are dropped out with BERT's probabilities, though from fewer
+    random draws than BERT makes (so not the same masks).
     """
     h = bert.embeddings(inputs_embeds=embeds)
     n, t, _ = h.shape
